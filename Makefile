@@ -1,0 +1,35 @@
+# slm: the two commands for a fresh machine are `make train` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU build of torch unless a GPU is present: a bare `torch` from PyPI is the multi-GB CUDA build.
+# GPU machines: `make install TORCH=torch` (or any CUDA build you prefer).
+TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
+STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: install train test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev,wandb,tensorboard,slurm]"
+	touch $(STAMP)
+
+train: install  ## prepare the embedded stdlib corpus and train gpt2-nano on it
+	$(BIN)/slm train $(ARGS)
+
+test: install  ## the test suite (what CI runs)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+bench: install  ## benchmarks; figures go to docs/benchmarks.md
+	$(BIN)/python benchmarks/run.py $(ARGS)
+
+lint: install
+	$(BIN)/ruff check slm_cli tests benchmarks scripts
+
+clean:
+	rm -rf $(VENV) outputs multirun data .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The Hydra config tree, shipped as the package `slm_cli.conf` (see pyproject.toml)."""

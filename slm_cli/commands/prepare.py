@@ -1,0 +1,21 @@
+"""`slm prepare`: tokenize a corpus into <paths.data_dir>/<data.name>/."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from slm_cli.commands import CONFIG_PATH, VERSION_BASE
+
+
+@hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="prepare")
+def main(cfg: DictConfig) -> str:
+    from slm_cli.config import check_data
+    from slm_cli.data.prepare import prepare
+
+    check_data(cfg.data)
+    prepared = prepare(cfg.data, cfg.paths)
+    meta = prepared.meta
+    print(f"data: {prepared.dir}  train_tokens={meta['train_tokens']} val_tokens={meta['val_tokens']} "
+          f"vocab_size={meta['vocab_size']}")
+    return str(prepared.dir)

@@ -1,0 +1,16 @@
+"""`slm train`: pretrain a GPT with a token-selection strategy (conf/train.yaml)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from slm_cli.commands import CONFIG_PATH, VERSION_BASE
+
+
+@hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from slm_cli.train import train
+
+    summary = train(cfg)
+    return summary["val_loss"]  # the value a Hydra sweeper optimises

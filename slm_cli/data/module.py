@@ -1,0 +1,55 @@
+"""The LightningDataModule: prepared token streams -> training and validation windows.
+
+The training order is a pure function of (seed, step): the loader for a run that resumes at step s
+simply starts at s, so resume needs no dataloader state, and the global batch of a step is the same
+for any number of devices (each rank reads its contiguous slice).
+"""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from slm_cli.data.prepare import PreparedData
+from slm_cli.data.windows import StepSampler, TrainWindows, ValWindows
+
+
+class SLMDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        prepared: PreparedData,
+        *,
+        block_size: int,
+        batch_size: int,
+        seed: int,
+        accumulate_grad_batches: int = 1,
+        num_workers: int = 0,
+        val_batches: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.prepared = prepared
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.accumulate = accumulate_grad_batches
+        self.num_workers = num_workers
+        self.val_batches = val_batches
+
+    def _loader(self, dataset, **kwargs) -> DataLoader:
+        return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          **kwargs)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        # Lightning restores the checkpoint before it asks for the loader, so global_step is the
+        # step this run resumes at.
+        start = trainer.global_step if trainer is not None else 0
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        windows = TrainWindows(self.prepared.tokens("train"), self.block_size, self.seed)
+        sampler = StepSampler(self.batch_size * self.accumulate, start_step=start, rank=rank, world_size=world)
+        return self._loader(windows, sampler=sampler, batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        max_windows = None if self.val_batches is None else self.val_batches * self.batch_size
+        windows = ValWindows(self.prepared.tokens("val"), self.block_size, max_windows=max_windows)
+        return self._loader(windows, batch_size=self.batch_size, shuffle=False)

@@ -1,0 +1,342 @@
+"""Tokenise a corpus once into flat ``train.bin`` / ``val.bin`` token streams (nanoGPT layout).
+
+The folder is committed atomically: every file is written under a temporary name and moved into
+place, ``meta.json`` last. A folder with a ``meta.json`` is therefore always complete, and its
+input fingerprint lets a repeated ``prepare`` return immediately.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+from omegaconf import DictConfig
+from tokenizers import Tokenizer
+
+from slm_cli.data.sources import load_documents, source_description, source_fingerprint, source_name
+from slm_cli.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_bpe
+from slm_cli.errors import SlmError
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+META_KEYS = (
+    "format_version", "name", "source", "fingerprint", "source_fingerprint", "tokenizer_sha256", "tokenizer",
+    "vocab_size", "eos_id", "dtype", "train_tokens", "val_tokens", "documents", "settings", "created",
+)  # fmt: skip
+# Below this many documents a document-level split is too coarse; split the token stream instead.
+MIN_DOCS_FOR_DOC_SPLIT = 20
+# Documents per worker below which extra tokenisation processes cost more to start than they save.
+DOCS_PER_PROC = 1000
+BATCH_DOCS = 1000
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every token id."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+@dataclass
+class PreparedData:
+    """A prepared data folder: token streams, tokenizer and the ``meta.json`` describing them."""
+
+    dir: Path
+    meta: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def eos_id(self) -> int:
+        return int(self.meta["eos_id"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.meta["dtype"])
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.dir / "tokenizer.json"
+
+    def tokens(self, split: str) -> np.memmap:
+        """Read-only memmap of a split's token stream (opened lazily; cheap to call per worker)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+        return np.memmap(
+            self.dir / f"{split}.bin", dtype=self.dtype, mode="r", shape=(self.meta[f"{split}_tokens"],)
+        )
+
+
+def load_prepared(dir: Path) -> PreparedData:
+    """Open a prepared folder, checking that meta.json and the files it describes agree."""
+    dir = Path(dir)
+    meta_path = dir / "meta.json"
+    if not meta_path.is_file():
+        raise SlmError(f"no prepared data at {dir}: run `slm prepare data=...`")
+    fix = "delete it and re-run `slm prepare`"
+    try:
+        meta = json.loads(meta_path.read_text())
+        missing = [k for k in META_KEYS if k not in meta]
+        if missing:
+            raise ValueError(f"missing keys {', '.join(missing)}")
+        data = PreparedData(dir, meta)
+        dtype, vocab_size, _ = data.dtype, data.vocab_size, data.eos_id
+        expected = {split: int(meta[f"{split}_tokens"]) * dtype.itemsize for split in SPLITS}
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        raise SlmError(f"corrupt meta.json at {dir} ({str(e).splitlines()[0]}): {fix}") from None
+    if dtype != token_dtype(vocab_size):
+        raise SlmError(
+            f"meta.json at {dir} says dtype {dtype} but vocab_size {vocab_size} needs {token_dtype(vocab_size)}: {fix}"
+        )
+    for split, size in expected.items():
+        path = dir / f"{split}.bin"
+        actual = path.stat().st_size if path.is_file() else 0
+        if actual != size:
+            raise SlmError(
+                f"{path} has {actual} bytes but meta.json expects {size}: delete meta.json and re-run `slm prepare`"
+            )
+    if not data.tokenizer_path.is_file():
+        raise SlmError(f"{data.tokenizer_path} is missing: delete meta.json and re-run `slm prepare`")
+    return data
+
+
+def _try_load(dir: Path) -> PreparedData | None:
+    with contextlib.suppress(SlmError):
+        return load_prepared(dir)
+    return None
+
+
+def _settings(data_cfg: DictConfig, tokenizer: str) -> dict[str, Any]:
+    """The settings that determine the prepared tokens (validated; recorded in meta.json)."""
+    val_fraction = float(data_cfg.val_fraction)
+    if not 0 < val_fraction < 1:
+        raise SlmError(
+            f"data.val_fraction={data_cfg.val_fraction} leaves an empty train or val split: set it between 0 and 1"
+        )
+    return {
+        "source": data_cfg.source,
+        "path": data_cfg.get("path") if data_cfg.source == "files" else None,
+        "hub": [data_cfg.hub_name, data_cfg.hub_config, data_cfg.hub_split]
+        if data_cfg.source == "hub"
+        else None,
+        "text_field": data_cfg.text_field,
+        "sample_by": data_cfg.sample_by,
+        "max_bytes": data_cfg.max_bytes,
+        "val_fraction": val_fraction,
+        "tokenizer": tokenizer,
+        "vocab_size": int(data_cfg.vocab_size) if tokenizer == "bpe" else None,
+        "eos_token": data_cfg.eos_token,
+    }
+
+
+def _fingerprint(source_fp: str, tokenizer_identity: str, settings: dict[str, Any]) -> str:
+    parts = [FORMAT_VERSION, source_fp, tokenizer_identity, settings["eos_token"], settings["val_fraction"]]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
+
+def _num_proc(requested: int | None, n_docs: int) -> int:
+    # Worker start-up only pays off with enough documents per worker.
+    return max(1, min(requested or os.cpu_count() or 1, n_docs // DOCS_PER_PROC))
+
+
+@contextlib.contextmanager
+def _serial_tokenizers(num_proc: int) -> Iterator[None]:
+    """With worker processes, each encodes serially: Rust threads in forked workers would deadlock
+    (tokenizers disables them with a warning); with one process, Rust parallelism is kept."""
+    if num_proc == 1:
+        yield
+        return
+    old = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = old
+
+
+def _tokenise(docs: Any, tok: Tokenizer, eos: int, cache_file: Path, num_proc: int, fingerprint: str) -> Any:
+    """Dataset with an ``ids`` column: each document's token ids followed by the EOS id."""
+    from datasets import Features, List, Value
+
+    # Literal "<|endoftext|>" inside a document is text, not a separator (GPT-2's encode_ordinary).
+    tok.encode_special_tokens = True
+
+    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
+        return {"ids": [e.ids + [eos] for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
+
+    with _serial_tokenizers(num_proc):
+        return docs.map(
+            encode,
+            batched=True,
+            batch_size=BATCH_DOCS,
+            remove_columns=["text"],
+            features=Features({"ids": List(Value("uint32"))}),
+            num_proc=num_proc if num_proc > 1 else None,
+            cache_file_name=str(cache_file),
+            new_fingerprint=fingerprint[:32],  # datasets appends a per-worker suffix; max 64 chars
+            desc="tokenising",
+        )
+
+
+def _chunks(ids: Any) -> Iterator[np.ndarray]:
+    """The concatenated token stream of a tokenised dataset, as flat arrays of a batch each."""
+    for batch in ids.with_format("arrow").iter(batch_size=BATCH_DOCS * 10):
+        yield pc.list_flatten(batch["ids"]).to_numpy()
+
+
+def _slice_chunks(chunks: Iterator[np.ndarray], start: int, stop: int) -> Iterator[np.ndarray]:
+    """Tokens [start, stop) of a chunked stream."""
+    pos = 0
+    for chunk in chunks:
+        lo, hi = max(start - pos, 0), min(stop - pos, len(chunk))
+        if lo < hi:
+            yield chunk[lo:hi]
+        pos += len(chunk)
+        if pos >= stop:
+            return
+
+
+def _write_bin(path: Path, chunks: Iterator[np.ndarray], n_tokens: int, dtype: np.dtype) -> None:
+    out = np.memmap(path, dtype=dtype, mode="w+", shape=(n_tokens,))
+    pos = 0
+    for chunk in chunks:
+        out[pos : pos + len(chunk)] = chunk
+        pos += len(chunk)
+    assert pos == n_tokens, f"wrote {pos} tokens to {path}, expected {n_tokens}"
+    out.flush()
+    del out
+
+
+def _split(ids: Any, val_fraction: float) -> dict[str, tuple[Any, int, int]]:
+    """Per split: (dataset, first token, end token) of the stream to write.
+
+    With enough documents, whole documents go to val (seeded, so repeatable), kept in corpus order;
+    otherwise the last ``val_fraction`` of the token stream is val.
+    """
+    lengths = pc.list_value_length(ids.with_format("arrow")["ids"]).to_numpy().astype(np.int64)
+    n_docs, total = len(lengths), int(lengths.sum())
+    if n_docs >= MIN_DOCS_FOR_DOC_SPLIT:
+        from datasets import Dataset
+
+        n_val = min(max(math.ceil(val_fraction * n_docs), 1), n_docs - 1)
+        split = Dataset.from_dict({"i": np.arange(n_docs)}).train_test_split(test_size=n_val, seed=0)
+        parts = {}
+        for name, key in zip(SPLITS, ("train", "test"), strict=True):
+            index = np.sort(np.asarray(split[key]["i"]))
+            parts[name] = (ids.select(index, keep_in_memory=True), 0, int(lengths[index].sum()))
+        return parts
+    # total >= 2: every non-blank document has at least one token plus its EOS.
+    n_val = min(max(round(val_fraction * total), 1), total - 1)
+    return {"train": (ids, 0, total - n_val), "val": (ids, total - n_val, total)}
+
+
+def _same_tokens(meta: dict, sha: str, source_fp: str, eos: int, val_fraction: float) -> bool:
+    """Whether a prepared folder holds exactly the tokens this tokenizer would produce there."""
+    settings = meta["settings"] if isinstance(meta["settings"], dict) else {}
+    return (meta["tokenizer_sha256"], meta["source_fingerprint"], meta["eos_id"], settings.get("val_fraction")) == (
+        sha, source_fp, eos, val_fraction,
+    )  # fmt: skip
+
+
+def prepare(
+    data_cfg: DictConfig, paths_cfg: DictConfig, *, tokenizer_spec: str | None = None
+) -> PreparedData:
+    """Tokenise the configured corpus into ``{paths.data_dir}/{name}/`` unless it is already there.
+
+    ``tokenizer_spec`` overrides data.tokenizer. A tokenizer other than the trained bpe gets its
+    own ``{name}.tok-{sha}`` folder so it never overwrites the default data, unless the default
+    folder already holds the same tokens (e.g. `slm eval` with a model trained on that folder).
+    """
+    spec = str(tokenizer_spec or data_cfg.tokenizer)
+    settings = _settings(data_cfg, spec)
+    source_fp = source_fingerprint(data_cfg)
+    out = Path(paths_cfg.data_dir) / source_name(data_cfg)
+    tok = None if spec == "bpe" else load_tokenizer(spec)
+    if tok is None:
+        identity = f"bpe:{settings['vocab_size']}"
+    else:
+        identity = tokenizer_sha256(tok)
+        if not data_cfg.get("name"):
+            base = _try_load(out)
+            eos = eos_id(tok, data_cfg.eos_token)
+            if base and _same_tokens(base.meta, identity, source_fp, eos, settings["val_fraction"]):
+                return base
+            out = out.with_name(f"{out.name}.tok-{identity[:8]}")
+    fingerprint = _fingerprint(source_fp, identity, settings)
+    # A corrupt or inconsistent folder is an error, not silently rebuilt: something other than
+    # `slm prepare` changed it, and the user should know before anything overwrites it.
+    existing = load_prepared(out) if (out / "meta.json").exists() else None
+    if existing and existing.meta["fingerprint"] == fingerprint:
+        return existing
+    return _build(data_cfg, out, tok, spec, settings, fingerprint, source_fp)
+
+
+def _build(
+    data_cfg: DictConfig,
+    out: Path,
+    tok: Tokenizer | None,
+    spec: str,
+    settings: dict[str, Any],
+    fingerprint: str,
+    source_fp: str,
+) -> PreparedData:
+    out.mkdir(parents=True, exist_ok=True)
+    # Un-commit first: from here until the new meta.json lands, the folder is "not prepared".
+    (out / "meta.json").unlink(missing_ok=True)
+    docs = load_documents(data_cfg, out.parent / ".hf_cache")
+    if tok is None:
+        texts = docs.with_format("arrow").iter(batch_size=BATCH_DOCS)
+        tok = train_bpe((batch["text"].to_pylist() for batch in texts), settings["vocab_size"])
+    sha = tokenizer_sha256(tok)
+    eos = eos_id(tok, data_cfg.eos_token)
+    vocab_size = tok.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp_dir:
+        tmp = Path(tmp_dir)
+        ids = _tokenise(
+            docs, tok, eos, tmp / "ids.arrow", _num_proc(data_cfg.num_proc, len(docs)), fingerprint
+        )
+        counts = {}
+        for split, (subset, start, stop) in _split(ids, settings["val_fraction"]).items():
+            _write_bin(tmp / f"{split}.bin", _slice_chunks(_chunks(subset), start, stop), stop - start, dtype)
+            counts[split] = stop - start
+        tok.save(str(tmp / "tokenizer.json"))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": out.name,
+            "source": source_description(data_cfg),
+            "fingerprint": fingerprint,
+            "source_fingerprint": source_fp,
+            "tokenizer_sha256": sha,
+            "tokenizer": spec,
+            "vocab_size": vocab_size,
+            "eos_id": eos,
+            "dtype": dtype.name,
+            "train_tokens": counts["train"],
+            "val_tokens": counts["val"],
+            "documents": len(docs),
+            "settings": settings,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):  # meta.json last: the commit
+            os.replace(tmp / name, out / name)
+    print(
+        f"prepared {out}: {counts['train']:,} train + {counts['val']:,} val tokens "
+        f"from {len(docs):,} documents, vocab {vocab_size:,}"
+    )
+    return load_prepared(out)

@@ -1,0 +1,142 @@
+"""Training and validation samples: fixed-length windows over a flat token stream.
+
+A training sample is identified by its *global sample index*; its window start is a stateless hash
+of (seed, index). Step ``s`` of training always consumes the same global indices, whatever the
+number of devices, so a run is reproducible and resumable from the step counter alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from slm_cli.errors import SlmError
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a bijective, well-mixing hash of uint64 values (wraps mod 2**64)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _check_length(n_tokens: int, block_size: int, what: str) -> None:
+    if n_tokens < block_size + 1:
+        raise SlmError(
+            f"{what} has {n_tokens:,} tokens, fewer than model.block_size + 1 = {block_size + 1:,}: "
+            "lower model.block_size or use a larger corpus (or a larger data.val_fraction for val)"
+        )
+
+
+def sample_starts(seed: int, indices: np.ndarray, n_tokens: int, block_size: int) -> np.ndarray:
+    """Window start for each global sample index: ``hash(seed, i) mod (n_tokens - block_size)``."""
+    _check_length(n_tokens, block_size, "the token stream")
+    idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
+    key = _mix64(np.array([seed & _U64], dtype=np.uint64))
+    # The i-th output of a splitmix64 generator seeded with the mixed seed.
+    h = _mix64(key + (idx + np.uint64(1)) * _GOLDEN)
+    return (h % np.uint64(n_tokens - block_size)).astype(np.int64)
+
+
+def _check_aligned(aligned: dict[str, np.ndarray] | None, n_tokens: int) -> dict[str, np.ndarray]:
+    for name, array in (aligned or {}).items():
+        if len(array) != n_tokens:
+            raise SlmError(
+                f"per-token array {name!r} has {len(array):,} rows but the token stream has {n_tokens:,}: "
+                "recompute it for this prepared data"
+            )
+    return dict(aligned or {})
+
+
+def _windows(
+    tokens: np.ndarray, starts: np.ndarray, block_size: int, aligned: dict[str, np.ndarray]
+) -> dict[str, torch.Tensor]:
+    """Batched windows at ``starts``: one fancy-index gather per array (reads only those pages of a memmap)."""
+    pos = starts[:, None] + np.arange(block_size + 1, dtype=np.int64)
+    window = np.asarray(tokens[pos]).astype(np.int64)
+    positions = pos[:, 1:]
+    batch = {
+        "input_ids": torch.from_numpy(window[:, :-1].copy()),
+        "labels": torch.from_numpy(window[:, 1:].copy()),
+        "positions": torch.from_numpy(positions.copy()),
+    }
+    for name, array in aligned.items():
+        batch[name] = torch.from_numpy(np.ascontiguousarray(array[positions]))
+    return batch
+
+
+class TrainWindows(Dataset):
+    """Random windows addressed by global sample index; ``ds[indices]`` returns a whole (B, T) batch.
+
+    ``positions`` are the stream positions of the labels, so per-token arrays ``aligned`` with the
+    stream (e.g. reference-model scores) are gathered for exactly the predicted tokens.
+    """
+
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, seed: int, aligned: dict[str, np.ndarray] | None = None
+    ) -> None:
+        _check_length(len(tokens), block_size, "the train split")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.seed = seed
+        self.aligned = _check_aligned(aligned, len(tokens))
+
+    def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        starts = sample_starts(self.seed, np.atleast_1d(indices), len(self.tokens), self.block_size)
+        return _windows(self.tokens, starts, self.block_size, self.aligned)
+
+
+class StepSampler(Sampler):
+    """Infinite sampler yielding, per optimizer step, this rank's slice of the global sample indices.
+
+    The step's global batch is ``[s*G, (s+1)*G)`` with ``G = rows_per_step * world_size``, and rank
+    ``r`` takes the ``r``-th contiguous slice, so the union over ranks never depends on world size.
+    """
+
+    def __init__(self, rows_per_step: int, start_step: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if rows_per_step < 1 or not 0 <= rank < world_size or start_step < 0:
+            raise ValueError(f"bad sampler layout: {rows_per_step=}, {start_step=}, {rank=}, {world_size=}")
+        self.rows_per_step = rows_per_step
+        self.start_step = start_step
+        self.rank = rank
+        self.world_size = world_size
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        global_rows = self.rows_per_step * self.world_size
+        for step in itertools.count(self.start_step):
+            first = step * global_rows + self.rank * self.rows_per_step
+            yield np.arange(first, first + self.rows_per_step, dtype=np.int64)
+
+
+class ValWindows(Dataset):
+    """Consecutive non-overlapping windows ``k * block_size`` over the val split (deterministic)."""
+
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        block_size: int,
+        max_windows: int | None = None,
+        aligned: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        _check_length(len(tokens), block_size, "the val split")
+        self.tokens = tokens
+        self.block_size = block_size
+        self.aligned = _check_aligned(aligned, len(tokens))
+        n = (len(tokens) - 1) // block_size
+        self.n_windows = n if max_windows is None else min(n, max_windows)
+
+    def __len__(self) -> int:
+        return self.n_windows
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if not 0 <= k < self.n_windows:
+            raise IndexError(f"window {k} out of range [0, {self.n_windows})")
+        batch = _windows(self.tokens, np.array([k * self.block_size]), self.block_size, self.aligned)
+        return {name: value[0] for name, value in batch.items()}

@@ -1,0 +1,82 @@
+"""Training FLOPs, two ways: the papers' nominal accounting and what `slm` actually executes.
+
+Convention (nanoGPT's ``estimate_mfu``; PaLM, arXiv 2204.02311, appendix B): a token costs
+F = 6·N + 12·L·T·d FLOPs forward+backward, where N counts the parameters that take part in matrix
+products. 6·N is 2·N forward (one multiply-add per weight) and 4·N backward (gradients w.r.t. the
+input and the weight); 12·L·T·d is attention's QKᵀ and AV (2·2·T·d per layer forward, ×3 with
+backward), counted without the causal halving. Forward is F/3, backward 2F/3.
+
+Selection (RHO-1, arXiv 2404.07965; ESLM, arXiv 2505.19893) trains on |S| of M tokens:
+
+- **nominal**, the papers' accounting: M·F/3 + |S|·2F/3 (+ extra forward work such as an online
+  reference model), as if the backward were sparse.
+- **realized**, what :mod:`slm_cli.loss` runs: the trunk's forward and backward stay dense (a mask
+  makes no kernel sparse); the head's forward is dense; its backward runs on the selected rows
+  only, costing 2 head-forwards per row when the softmax is kept, 3 when it is recomputed.
+
+Throughput and MFU are measured elsewhere (Lightning's ThroughputMonitor) from these figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from slm_cli.model.gpt import GPTConfig
+
+
+def matmul_params(cfg: GPTConfig) -> int:
+    """N: weights used in matmuls. Per block c_attn 3d², attn c_proj d², c_fc 4d², mlp c_proj 4d²;
+    plus the tied head once (Vp·d). Not wpe (a lookup), nor biases and LayerNorm gains."""
+    d = cfg.n_embd
+    return 12 * cfg.n_layer * d * d + cfg.padded_vocab * d
+
+
+def flops_per_token(cfg: GPTConfig) -> int:
+    """F = 6·N + 12·L·T·d with T = block_size (forward + backward, per token)."""
+    return 6 * matmul_params(cfg) + 12 * cfg.n_layer * cfg.block_size * cfg.n_embd
+
+
+def head_flops_per_token(cfg: GPTConfig) -> int:
+    """Forward of the LM head matmul, 2·d·Vp; its backward is twice that."""
+    return 2 * cfg.n_embd * cfg.padded_vocab
+
+
+@dataclass
+class StepFlops:
+    nominal: float  # papers' convention: dense forward, backward on the selected tokens only
+    realized: float  # what slm executes: dense trunk, head backward on the selected rows only
+    clm: float  # the same step trained on every token
+
+
+def step_flops(
+    cfg: GPTConfig,
+    tokens: int,
+    selected: int,
+    *,
+    keep_probs: bool = True,
+    extra_forward: float = 0.0,
+) -> StepFlops:
+    """FLOPs of one step over ``tokens`` tokens of which ``selected`` carry loss weight.
+
+    ``extra_forward`` is any additional forward work (an online reference model: 2·N_ref per token;
+    a teacher's forward), counted in both nominal and realized. ``keep_probs`` matches
+    :func:`slm_cli.loss.token_stats`: head backward costs 2 head-forwards per selected row when
+    the softmax is kept, 3 when the logits are recomputed. With every token selected and
+    ``keep_probs``, realized equals clm exactly.
+    """
+    F = flops_per_token(cfg)
+    head = head_flops_per_token(cfg)
+    head_backward = 2 if keep_probs else 3
+    return StepFlops(
+        nominal=tokens * F / 3 + selected * 2 * F / 3 + extra_forward,
+        realized=tokens * (F - 3 * head)  # trunk forward + backward, dense
+        + tokens * head  # head forward (token_stats), dense
+        + selected * head_backward * head  # head backward on the selected rows
+        + extra_forward,
+        clm=float(tokens * F),
+    )
+
+
+def saved_frac(flops: float, clm: float) -> float:
+    """Fraction of CLM's FLOPs saved: 1 − flops/clm (0 when clm is 0)."""
+    return 0.0 if clm == 0 else 1.0 - flops / clm

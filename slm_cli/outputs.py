@@ -1,0 +1,72 @@
+"""Run outputs: atomic file writes, summary.json, and the checkpoint reader/writer.
+
+Everything a run leaves behind is written to a temporary file in the same folder and renamed into
+place, so an interrupted run never leaves a truncated file that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from slm_cli.errors import SlmError
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Call `write(fileobj)` on a temporary file next to `path`, then rename it to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    return atomic_write(path, lambda f: f.write(data))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load an slm checkpoint with ``weights_only=True`` (tensors and plain containers only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SlmError(f"checkpoint {path} does not exist: pass ckpt_path=<run>/checkpoints/last.ckpt")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, not a torch file, or holds arbitrary objects
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise SlmError(f"checkpoint {path} is corrupt or not an slm checkpoint ({reason}): "
+                       "pass another checkpoint, e.g. the run's checkpoints/last.ckpt") from exc
+    if not isinstance(ckpt, dict) or "slm" not in ckpt or "state_dict" not in ckpt:
+        raise SlmError(f"checkpoint {path} was not written by `slm train`: pass a checkpoint from an slm run dir")
+    return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with atomic saves and weights-only loads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any = None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(self, path: _PATH, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint(path, map_location=map_location or "cpu")

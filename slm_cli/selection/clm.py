@@ -1,0 +1,21 @@
+"""CLM: the causal-language-modelling baseline; every token is trained on."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from slm_cli.loss import TokenStats
+from slm_cli.selection.base import Selected, Selection
+
+
+class CLM(Selection):
+    name = "clm"
+
+    def __init__(self, name: str = "clm") -> None:
+        self.name = name
+
+    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
+        return Selected(mask=torch.ones_like(stats.loss, dtype=torch.bool))

@@ -1,0 +1,131 @@
+"""End-to-end `slm train` / `slm eval` on a tiny model: outputs, accounting, resume, evaluation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import TINY_DATA, ok, slm, train
+
+
+def analytic_flops_per_token(state: dict, n_layer: int, block_size: int, n_embd: int) -> int:
+    """6N + 12·L·T·d with N counted from the checkpoint's tensors: every 2-D weight of the blocks
+    plus the (tied) head once; position embeddings, biases and LayerNorms excluded."""
+    n = sum(v.numel() for k, v in state.items() if ".h." in k and v.dim() == 2)
+    n += state["model.lm_head.weight"].numel()
+    return 6 * n + 12 * n_layer * block_size * n_embd
+
+
+@pytest.fixture(scope="module")
+def run(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "clm"
+    train(run_dir, tiny_data, "trainer.max_steps=200", "trainer.val_check_interval=100", "optim.lr=3e-3",
+          "data.batch_size=8",
+          "trainer.checkpoint_every_n_steps=100", "optim.warmup_steps=10", cwd=run_dir.parent)
+    return run_dir
+
+
+def test_run_outputs(run: Path) -> None:
+    assert (run / ".hydra" / "config.yaml").is_file()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "checkpoints" / "step0000100.ckpt").is_file()
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"step", "train/loss", "train/loss_all", "val/loss", "val/ppl", "lr"} <= set(rows[0])
+    val = [float(r["val/loss"]) for r in rows if r["val/loss"]]
+    assert len(val) == 2  # at steps 100 and 200
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("steps", "train_tokens", "selected_tokens", "val_loss", "val_ppl", "flops_total",
+                "flops_clm_equivalent", "flops_saved_frac", "train_tokens_per_s", "wall_s"):
+        assert key in summary, key
+    assert summary["val_loss"] == pytest.approx(val[-1], rel=1e-6)
+    assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-9)
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_accounting_matches_analytic_formula(run: Path) -> None:
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 200
+    assert summary["train_tokens"] == 200 * 8 * 32  # steps × batch × context
+    assert summary["selected_tokens"] == summary["train_tokens"]  # CLM trains on every token
+    state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    per_token = analytic_flops_per_token(state, n_layer=2, block_size=32, n_embd=64)
+    assert summary["flops_clm_equivalent"] == summary["train_tokens"] * per_token
+    assert summary["flops_total"] == summary["flops_clm_equivalent"]
+    assert summary["flops_saved_frac"] == 0.0 and summary["flops_saved_frac_realized"] == 0.0
+
+
+def test_model_learns(run: Path) -> None:
+    """Validation loss ends below ln V (an untrained model) and below the unigram entropy of the
+    training tokens (the best any context-free model can do), so the model uses its context."""
+    summary = json.loads((run / "summary.json").read_text())
+    meta = json.loads((Path(summary["data"]) / "meta.json").read_text())
+    tokens = np.fromfile(Path(summary["data"]) / "train.bin", dtype=meta["dtype"])
+    p = np.bincount(tokens) / len(tokens)
+    unigram_entropy = float(-(p[p > 0] * np.log(p[p > 0])).sum())
+    assert summary["val_loss"] < math.log(meta["vocab_size"]) - 1.0
+    assert summary["val_loss"] < unigram_entropy - 0.2
+
+
+def test_checkpoint_is_weights_only_and_self_contained(run: Path) -> None:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    slm_state = ckpt["slm"]
+    assert slm_state["model"]["n_layer"] == 2
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(slm_state["tokenizer_json"])
+    prepared = Tokenizer.from_file(str(Path(json.loads((run / "summary.json").read_text())["data"]) / "tokenizer.json"))
+    assert tok.to_str() == prepared.to_str()
+
+
+def test_eval_reproduces_validation_loss(run: Path, tiny_data: Path) -> None:
+    """`slm eval` (a plain torch loop) on the same windows gives the training run's val loss."""
+    out = run.parent / "eval.json"
+    ok(slm("eval", f"ckpt_path={run}/checkpoints/last.ckpt", f"paths.data_dir={tiny_data}", *TINY_DATA,
+           "data.batch_size=8", "max_batches=4", f"out={out}", cwd=run.parent))
+    result = json.loads(out.read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert result["tokens"] == 4 * 8 * 32
+    assert result["loss"] == pytest.approx(summary["val_loss"], abs=1e-5)
+    assert result["data"] == summary["data"]  # same tokenizer, so the prepared folder is reused
+
+
+def test_resume_is_exact(tiny_data: Path, tmp_path: Path) -> None:
+    """20 steps in one go == 10 steps, then resume from last.ckpt to 20."""
+    common = ["optim.decay_steps=20", "optim.warmup_steps=4", "trainer.val_check_interval=10",
+              "trainer.checkpoint_every_n_steps=5"]
+    whole = train(tmp_path / "whole", tiny_data, "trainer.max_steps=20", *common, cwd=tmp_path)
+    train(tmp_path / "half", tiny_data, "trainer.max_steps=10", *common, cwd=tmp_path)
+    resumed = train(tmp_path / "resumed", tiny_data, "trainer.max_steps=20",
+                    f"ckpt_path={tmp_path}/half/checkpoints/last.ckpt", *common, cwd=tmp_path)
+    assert resumed["steps"] == 20
+    assert abs(resumed["val_loss"] - whole["val_loss"]) < 1e-6
+    for key in ("train_tokens", "selected_tokens", "flops_total", "flops_clm_equivalent"):
+        assert resumed[key] == whole[key], key
+    a = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_data: Path, tmp_path: Path) -> None:
+    """2 micro-batches of 2 == 1 batch of 4 (CLM: equal micro-batch sizes, so the mean is the same)."""
+    common = ["trainer.max_steps=5", "trainer.val_check_interval=5"]
+    big = train(tmp_path / "big", tiny_data, *common, cwd=tmp_path)
+    acc = train(tmp_path / "acc", tiny_data, *common, "data.batch_size=2", "trainer.accumulate_grad_batches=2",
+                "trainer.limit_val_batches=8", cwd=tmp_path)  # the same 16 validation windows
+    assert acc["train_tokens"] == big["train_tokens"]
+    assert acc["val_loss"] == pytest.approx(big["val_loss"], abs=1e-5)
+
+
+def test_prepare_is_a_no_op_the_second_time(tiny_data: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in (tiny_data / "tiny").iterdir()}
+    ok(slm("prepare", f"paths.data_dir={tiny_data}", *TINY_DATA, cwd=tiny_data))
+    after = {p.name: p.stat().st_mtime_ns for p in (tiny_data / "tiny").iterdir()}
+    assert before == after
