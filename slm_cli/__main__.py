@@ -77,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Let every exception reach us instead of Hydra's multi-line report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    from slm_cli.errors import JobFailed
+
     module = importlib.import_module(f"slm_cli.commands.{COMMANDS[command][0]}")
     sys.argv = [f"slm {command}", *rest]
     try:
-        module.main()
+        try:
+            module.main()
+        except JobFailed as failed:  # an error inside the job (see errors.report_errors)
+            raise failed.error from None
     except SystemExit as exc:  # Hydra's own exits (--help, bad flags)
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except KeyboardInterrupt:

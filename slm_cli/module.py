@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -103,10 +104,7 @@ class SLMModule(L.LightningModule):
         for mb in micro:
             out: StepOutput = self.model(mb["input_ids"], head=self._head(mb["labels"], mb))
             if not torch.isfinite(out.loss):
-                raise SlmError(
-                    f"training loss became {out.loss.item()} at step {self.global_step}: lower optim.lr "
-                    f"(now {self.optim_cfg.lr}) or raise optim.warmup_steps; the last good checkpoint is "
-                    "in the run's checkpoints/ folder")
+                raise SlmError(self._diverged(f"training loss became {out.loss.item()}"))
             # Each micro-batch is a mean over its own selected tokens; the step averages them.
             self.manual_backward(out.loss / self.accumulate)
             loss_sum += out.loss.detach()
@@ -115,6 +113,8 @@ class SLMModule(L.LightningModule):
             n_selected += out.selected.mask.sum()
             sel_metrics = out.selected.metrics
         grad_norm = optim.clip(list(self.model.parameters()), self.optim_cfg.grad_clip)
+        if not torch.isfinite(grad_norm):  # stop before the update, so checkpoints stay finite
+            raise SlmError(self._diverged(f"gradient norm became {grad_norm.item()}"))
         opt.step()
         opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
@@ -147,6 +147,13 @@ class SLMModule(L.LightningModule):
         self.log("train/loss", train_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=tokens)
         self.tokens_this_run += tokens
         self.train_seconds += time.perf_counter() - t0
+
+    def _diverged(self, what: str) -> str:
+        callback = self.trainer.checkpoint_callback
+        last = Path(callback.dirpath) / "last.ckpt" if callback is not None and callback.dirpath else None
+        kept = f"the last good checkpoint is {last}" if last and last.is_file() else "no checkpoint was written"
+        return (f"{what} at step {self.global_step}: lower optim.lr (now {self.optim_cfg.lr}) or raise "
+                f"optim.warmup_steps; {kept}")
 
     # ---- validation: mean loss over all tokens of the validation windows ----------------------
     def on_validation_epoch_start(self) -> None:

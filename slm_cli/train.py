@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -91,10 +92,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    t_start = time.perf_counter()
+def build_selection(selection_cfg: DictConfig) -> Selection:
+    """The strategy named by conf/selection/<name>.yaml; its constructor checks its own values."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(selection_cfg)
+    except InstantiationException as exc:  # Hydra wraps the constructor's error; report that one
+        if isinstance(exc.__cause__, SlmError):
+            raise exc.__cause__ from None
+        raise
+
+
+def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
+    """Check everything that can be checked before training starts, and build the pieces."""
     check_train(cfg)
-    run_dir = Path(cfg.paths.output_dir)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
@@ -108,7 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     del resume
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    selection: Selection = instantiate(cfg.selection)
+    selection = build_selection(cfg.selection)
     module = SLMModule(
         gpt, cfg.optim, selection, max_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, chunk_size=cfg.loss.chunk_size,
@@ -120,7 +132,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, num_workers=cfg.data.num_workers,
         val_batches=cfg.trainer.limit_val_batches,
     )
-    trainer = build_trainer(cfg, run_dir)
+    return build_trainer(cfg, run_dir), module, datamodule, selection, prepared
+
+
+def discard_unstarted(run_dir: Path) -> None:
+    """A run that failed before training holds only Hydra's config and log: remove it, so that no
+    run dir looks like a run that happened."""
+    if run_dir.is_dir() and all(p.name == ".hydra" or p.suffix == ".log" for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    run_dir = Path(cfg.paths.output_dir)
+    try:
+        trainer, module, datamodule, selection, prepared = setup(cfg, run_dir)
+    except SlmError:
+        discard_unstarted(run_dir)
+        raise
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     if module.val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)

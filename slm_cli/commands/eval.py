@@ -6,9 +6,11 @@ import hydra
 from omegaconf import DictConfig
 
 from slm_cli.commands import CONFIG_PATH, VERSION_BASE
+from slm_cli.errors import report_errors
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="eval")
+@report_errors
 def main(cfg: DictConfig) -> float:
     from slm_cli.evaluate import evaluate
 

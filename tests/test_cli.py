@@ -1,0 +1,80 @@
+"""The `slm` command line: help, config composition, experiments, multirun, non-editable install."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def job_config(*overrides: str, cwd: Path, command: str = "train") -> dict:
+    return yaml.safe_load(ok(slm(command, *overrides, "--cfg", "job", cwd=cwd)).stdout)
+
+
+def test_help_lists_the_subcommands(tmp_path: Path) -> None:
+    out = ok(slm("--help", cwd=tmp_path)).stdout
+    for command in ("prepare", "train", "eval"):
+        assert f"  {command} " in out
+    help_text = ok(slm("train", "--help", cwd=tmp_path)).stdout
+    assert "model: gpt2, gpt2-large, gpt2-medium, gpt2-micro, gpt2-mini, gpt2-nano, gpt2-xl" in help_text
+    proc = slm("frobnicate", cwd=tmp_path)
+    assert proc.returncode == 2 and "unknown command" in proc.stderr
+
+
+def test_every_model_size_composes(tmp_path: Path) -> None:
+    """GPT-2 sizes: (layers, heads, width) as published; the nano-to-mini sizes are slm's own."""
+    sizes = {"gpt2-nano": (4, 4, 128), "gpt2-micro": (6, 6, 384), "gpt2-mini": (8, 8, 512), "gpt2": (12, 12, 768),
+             "gpt2-medium": (24, 16, 1024), "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+    for name, (n_layer, n_head, n_embd) in sizes.items():
+        model = job_config(f"model={name}", cwd=tmp_path)["model"]
+        assert (model["n_layer"], model["n_head"], model["n_embd"]) == (n_layer, n_head, n_embd), name
+
+
+def test_experiment_composes_and_command_line_wins(tmp_path: Path) -> None:
+    cfg = job_config("+experiment=clm_gpt2", cwd=tmp_path)
+    assert cfg["model"]["n_layer"] == 12 and cfg["data"]["name"] == "openwebtext"
+    assert cfg["trainer"]["accumulate_grad_batches"] == 40
+    cfg = job_config("+experiment=clm_gpt2", "data=stdlib", "model=gpt2-nano", "optim.lr=1e-3", cwd=tmp_path)
+    assert cfg["model"]["n_layer"] == 4 and cfg["data"]["name"] == "stdlib" and cfg["optim"]["lr"] == 1e-3
+    assert cfg["trainer"]["accumulate_grad_batches"] == 40  # what the command line did not override stays
+
+
+def test_multirun_writes_one_run_dir_per_job(tiny_data: Path, tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    ok(slm("train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL,
+           *QUIET, "trainer.max_steps=3", "seed=1,2", cwd=tmp_path))
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert all(s["steps"] == 3 for s in summaries)
+    assert summaries[0]["val_loss"] != summaries[1]["val_loss"]  # different seeds, different runs
+    configs = [yaml.safe_load((sweep / str(i) / ".hydra" / "config.yaml").read_text()) for i in (0, 1)]
+    assert [c["seed"] for c in configs] == [1, 2]
+
+
+def test_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
+    """Install the package (not editable) into a folder and run it from elsewhere: conf/ must ship
+    inside it as slm_cli.conf, and every subpackage must be in the install."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+    installed = {p.relative_to(target).with_suffix("").as_posix() for p in (target / "slm_cli").rglob("*.py")}
+    source = {p.relative_to(REPO).with_suffix("").as_posix() for p in (REPO / "slm_cli").rglob("*.py")}
+    assert source <= installed
+    yamls = {p.relative_to(REPO / "conf").as_posix() for p in (REPO / "conf").rglob("*.yaml")}
+    shipped = {p.relative_to(target / "slm_cli" / "conf").as_posix() for p in (target / "slm_cli/conf").rglob("*.yaml")}
+    assert yamls == shipped
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run([sys.executable, "-c", "import slm_cli, sys; print(slm_cli.__file__); "
+                           "from slm_cli.__main__ import main; sys.exit(main())", "train", "+experiment=clm_tiny",
+                           "--cfg", "job"], cwd=elsewhere, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[0].startswith(str(target))
+    assert yaml.safe_load("\n".join(proc.stdout.splitlines()[1:]))["task_name"] == "clm_tiny"
