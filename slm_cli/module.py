@@ -81,8 +81,7 @@ class SLMModule(L.LightningModule):
             y = labels.reshape(-1)
             stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
                                 entropy=self.selection.needs_entropy, keep_probs=self.keep_probs)
-            flat = {k: v.reshape(-1, *v.shape[2:]) for k, v in batch.items()}
-            selected = self.selection.select(stats, flat)
+            selected = self.selection.select(stats, batch)
             n = selected.mask.sum()
             weights = selected.mask.to(torch.float32) / n.clamp_min(1)
             loss = weighted_loss(h, weight, y, weights, stats, chunk_size=self.chunk_size)

@@ -130,7 +130,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SLMModule, SLMData
     datamodule = SLMDataModule(
         prepared, block_size=gpt.block_size, batch_size=cfg.data.batch_size, seed=cfg.seed,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, num_workers=cfg.data.num_workers,
-        val_batches=cfg.trainer.limit_val_batches,
+        val_batches=cfg.trainer.limit_val_batches, aligned=selection.aligned(prepared),
     )
     return build_trainer(cfg, run_dir), module, datamodule, selection, prepared
 

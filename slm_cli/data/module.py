@@ -8,6 +8,7 @@ for any number of devices (each rank reads its contiguous slice).
 from __future__ import annotations
 
 import lightning as L
+import numpy as np
 from torch.utils.data import DataLoader
 
 from slm_cli.data.prepare import PreparedData
@@ -25,6 +26,7 @@ class SLMDataModule(L.LightningDataModule):
         accumulate_grad_batches: int = 1,
         num_workers: int = 0,
         val_batches: int | None = None,
+        aligned: dict[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.prepared = prepared
@@ -34,6 +36,7 @@ class SLMDataModule(L.LightningDataModule):
         self.accumulate = accumulate_grad_batches
         self.num_workers = num_workers
         self.val_batches = val_batches
+        self.aligned = aligned or {}  # per-token arrays gathered into training batches
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
@@ -45,7 +48,7 @@ class SLMDataModule(L.LightningDataModule):
         # step this run resumes at.
         start = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        windows = TrainWindows(self.prepared.tokens("train"), self.block_size, self.seed)
+        windows = TrainWindows(self.prepared.tokens("train"), self.block_size, self.seed, self.aligned)
         sampler = StepSampler(self.batch_size * self.accumulate, start_step=start, rank=rank, world_size=world)
         return self._loader(windows, sampler=sampler, batch_size=None)
 

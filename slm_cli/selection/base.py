@@ -1,40 +1,55 @@
 """The interface every token-selection strategy implements.
 
-A strategy looks at per-token statistics of the current batch (the model's loss and, on request, its
-predictive entropy; later also reference losses carried by the batch) and returns a 0/1 mask of the
-tokens to train on. The training loop turns the mask into per-token weights 1/|S| and computes the
-LM-head backward only for the selected rows (slm_cli/loss.py), so a strategy never touches gradients.
+A strategy looks at per-token statistics of the current micro-batch (the model's loss and, on
+request, its predictive entropy) and at the batch itself (which can carry per-token arrays stored
+beside the corpus, such as reference losses), and returns a 0/1 mask of the tokens to train on.
+The training loop turns the mask into per-token weights 1/|S| and computes the LM-head backward
+only for the selected rows (slm_cli/loss.py), so a strategy never touches gradients.
 
 A new strategy is one module here plus one YAML file in conf/selection/ whose `_target_` names it.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
 from torch import Tensor
 
+from slm_cli.errors import SlmError
 from slm_cli.loss import TokenStats
+
+if TYPE_CHECKING:
+    from slm_cli.data.prepare import PreparedData
 
 
 @dataclass
 class Selected:
-    """The result of selecting on one batch."""
+    """The result of selecting on one micro-batch."""
 
-    mask: Tensor  # (M,) bool: True for the tokens trained on
+    mask: Tensor  # (M,) bool, flattened like TokenStats.loss: True for the tokens trained on
     metrics: dict[str, float] = field(default_factory=dict)  # logged as selection/<key>
 
 
 class Selection:
-    """Base class: keep every token (subclasses override :meth:`select`)."""
+    """Base class. Subclasses override :meth:`select`, and the other hooks where they need them."""
 
     name: str = "base"
-    needs_entropy: bool = False  # ask token_stats for per-token predictive entropy
+    needs_entropy: bool = False  # ask token_stats for the model's per-token predictive entropy
 
     def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
+        """`stats` is flat (M = B·T rows); `batch` holds (B, T) tensors: input_ids, labels,
+        positions (stream positions of the labels) and any arrays from :meth:`aligned`."""
         raise NotImplementedError
+
+    def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
+        """Per-token arrays aligned with train.bin to be gathered into every training batch under
+        their key (e.g. precomputed reference losses). Called once before training."""
+        return {}
 
     def extra_forward_flops(self, tokens: int) -> float:
         """FLOPs the strategy spends outside the trained model (e.g. an online reference forward)."""
@@ -46,3 +61,34 @@ class Selection:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+def check_fraction(key: str, value: Any) -> float:
+    """A selection fraction (ratio, alpha) must lie strictly between 0 and 1."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
+    if not ok:
+        raise SlmError(f"{key}={value} must be in (0, 1): e.g. {key}=0.6")
+    return float(value)
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise SlmError(f"{key}={value} is not known: use one of {', '.join(choices)}")
+    return str(value)
+
+
+def keep_count(keep_fraction: float, m: int) -> int:
+    """Tokens kept out of m: ceil(keep_fraction · m), at least 1 (the documented rounding rule)."""
+    # The tiny tolerance keeps exact products (e.g. 0.6 · 10) from rounding up through float error.
+    return max(1, min(m, math.ceil(keep_fraction * m - 1e-9)))
+
+
+def top_k_mask(scores: Tensor, k: int) -> tuple[Tensor, float]:
+    """Mask of the k highest scores, ties broken towards the lower index (deterministic), and the
+    k-th highest score (the threshold: every kept score is >= it)."""
+    m = scores.numel()
+    # A stable sort of the negated scores orders equal scores by index.
+    order = torch.sort(-scores.float(), stable=True).indices[:k]
+    mask = torch.zeros(m, dtype=torch.bool, device=scores.device)
+    mask[order] = True
+    return mask, float(scores[order[-1]])
