@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -28,8 +29,8 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 CACHE_DIR = BENCH_DIR / ".cache"
 RESULTS_DIR = BENCH_DIR / "results"
-# The shared wikitext-2 copy; when it is missing the benchmarks fall back to slm's stdlib corpus.
-WIKITEXT2_VALID = Path("/work/shared/data/wikitext-2/valid.txt")
+# The shared wikitext-2 copy (../shared beside the checkout); when it is missing the benchmarks fall back to slm's stdlib corpus.
+WIKITEXT2_VALID = BENCH_DIR.parent.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
 
 
 # ---- registry ------------------------------------------------------------------------------------
@@ -56,6 +57,7 @@ def benchmark(name: str, help: str) -> Callable:
 # ---- shared helpers ------------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
+    import lightning
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -65,7 +67,7 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+            "torch": torch.__version__, "lightning": lightning.__version__, "python": platform.python_version()}
 
 
 def table(headers: list[str], rows: list[list[Any]]) -> str:
@@ -102,45 +104,111 @@ CLM_FULL = {"model": "gpt2-micro", "batch_size": 4, "rounds": 3, "steps": 30, "w
 CLM_QUICK = {"model": "gpt2-nano", "batch_size": 8, "rounds": 2, "steps": 15, "warmup": 2}
 
 
-def _step_clock():
-    """A Lightning callback: timestamps at the start and end of every training batch, and the loss.
+class PlainLoop:
+    """The minimal nanoGPT loop on the same model, init, windows, optimizer and schedule as slm.
 
-    An iteration is timed end to end (end of batch i-1 -> end of batch i), so it includes the loader
-    fetch and every hook and logger call Lightning makes per step, not only training_step.
+    ``step()`` is one iteration (fetch the batch, full logits, F.cross_entropy, backward, clip,
+    AdamW, zero_grad, LR schedule) and returns its wall time and loss; a standalone plain run is
+    ``for _ in range(n): loop.step()``.
+    """
+
+    def __init__(self, cfg) -> None:
+        import torch
+
+        from slm_cli import optim
+        from slm_cli.data.prepare import prepare
+        from slm_cli.data.windows import StepSampler, TrainWindows
+        from slm_cli.model.gpt import GPT
+        from slm_cli.train import model_config
+
+        prepared = prepare(cfg.data, cfg.paths)
+        gpt = model_config(cfg, prepared)
+        torch.manual_seed(cfg.seed)  # what train()'s L.seed_everything does for the CPU generator
+        self.model = GPT(gpt).train()
+        self.opt, self.sched = optim.build(self.model.param_groups(cfg.optim.weight_decay), cfg.optim,
+                                           cfg.optim.decay_steps or cfg.trainer.max_steps)
+        self.windows = TrainWindows(prepared.tokens("train"), gpt.block_size, cfg.seed)
+        self.sampler = iter(StepSampler(cfg.data.batch_size))
+        self.params = list(self.model.parameters())
+        self.grad_clip = cfg.optim.grad_clip
+
+    def step(self) -> tuple[float, float]:
+        import torch
+        import torch.nn.functional as F
+
+        t0 = time.perf_counter()
+        batch = self.windows[next(self.sampler)]
+        x, y = batch["input_ids"], batch["labels"]
+        logits = self.model.logits(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        value = loss.item()
+        return time.perf_counter() - t0, value
+
+
+def _interleaved_clock(plain: PlainLoop, plain_first: bool):
+    """A Lightning callback that times slm's steps and runs one plain step next to each of them.
+
+    Pairing the two sides step by step puts both under the same load on a shared machine. An slm
+    iteration is timed end to end (end of batch i-1 -> end of batch i, minus the plain step run in
+    between), so it includes the loader fetch and every hook and logger call Lightning makes per
+    step, not only training_step. ``plain_first`` runs the plain step before slm's step of the pair
+    (in on_train_batch_start) instead of after it (on_train_batch_end).
     """
     import lightning as L
     import torch
 
-    class StepClock(L.Callback):
+    class Clock(L.Callback):
         def __init__(self) -> None:
-            self.starts: list[float] = []
-            self.ends: list[float] = []
-            self.losses: list[float] = []
+            self.slm_iter: list[float] = []
+            self.slm_step: list[float] = []
+            self.slm_loss: list[float] = []
+            self.plain_iter: list[float] = []
+            self.plain_loss: list[float] = []
             self.threads = 0
+            self._mark = self._start = 0.0
+            self._excluded = 0.0
+
+        def _plain_step(self) -> None:
+            seconds, loss = plain.step()
+            self.plain_iter.append(seconds)
+            self.plain_loss.append(loss)
+            self._excluded += seconds
 
         def on_train_start(self, trainer, pl_module) -> None:
             self.threads = torch.get_num_threads()
-            self.ends.append(time.perf_counter())  # t0 of the first iteration
+            self._mark = time.perf_counter()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            self.starts.append(time.perf_counter())
+            if plain_first:
+                self._plain_step()
+            self._start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            self.ends.append(time.perf_counter())
-            self.losses.append(float(trainer.callback_metrics["train/loss"]))
+            t = time.perf_counter()
+            self.slm_iter.append(t - self._mark - self._excluded)
+            self.slm_step.append(t - self._start)
+            self.slm_loss.append(float(trainer.callback_metrics["train/loss"]))
+            self._excluded = 0.0
+            if not plain_first:
+                self._plain_step()
+                self._excluded = 0.0
+            self._mark = time.perf_counter()
 
-    return StepClock()
+    return Clock()
 
 
-def _slm_run(overrides: list[str], run_dir: Path) -> tuple[list[float], list[float], list[float], int]:
-    """`slm_cli.train.train(cfg)`, the real path, with a timing callback added to its Trainer.
-
-    Returns per-iteration times, per-training_step times (batch start -> end), losses, threads.
-    """
+def _paired_round(overrides: list[str], run_dir: Path, plain_first: bool):
+    """`slm_cli.train.train(cfg)`, the real path, with the pairing clock added to its Trainer."""
     import slm_cli.train as slm_train
 
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run dir per round (and no stale logs)
     cfg = compose_train([*overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
-    clock = _step_clock()
+    clock = _interleaved_clock(PlainLoop(cfg), plain_first)
     real_build = slm_train.build_trainer
 
     def build_trainer(cfg, run_dir):
@@ -153,50 +221,7 @@ def _slm_run(overrides: list[str], run_dir: Path) -> tuple[list[float], list[flo
         slm_train.train(cfg)
     finally:
         slm_train.build_trainer = real_build
-    iters = [b - a for a, b in zip(clock.ends, clock.ends[1:], strict=False)]
-    steps = [b - a for a, b in zip(clock.starts, clock.ends[1:], strict=True)]
-    return iters, steps, clock.losses, clock.threads
-
-
-def _plain_run(overrides: list[str]) -> tuple[list[float], list[float]]:
-    """The minimal nanoGPT loop on the same model, init, windows, optimizer and schedule."""
-    import torch
-    import torch.nn.functional as F
-
-    from slm_cli import optim
-    from slm_cli.data.prepare import prepare
-    from slm_cli.data.windows import StepSampler, TrainWindows
-    from slm_cli.model.gpt import GPT
-    from slm_cli.train import model_config
-
-    cfg = compose_train(overrides)
-    prepared = prepare(cfg.data, cfg.paths)
-    gpt = model_config(cfg, prepared)
-    torch.manual_seed(cfg.seed)  # what L.seed_everything does for the CPU generator
-    model = GPT(gpt)
-    model.train()
-    opt, sched = optim.build(model.param_groups(cfg.optim.weight_decay), cfg.optim,
-                             cfg.optim.decay_steps or cfg.trainer.max_steps)
-    windows = TrainWindows(prepared.tokens("train"), gpt.block_size, cfg.seed)
-    sampler = iter(StepSampler(cfg.data.batch_size))
-    params = list(model.parameters())
-    times, losses = [], []
-    t_prev = time.perf_counter()
-    for _ in range(cfg.trainer.max_steps):
-        batch = windows[next(sampler)]
-        x, y = batch["input_ids"], batch["labels"]
-        logits = model.logits(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        losses.append(loss.item())
-        t = time.perf_counter()
-        times.append(t - t_prev)
-        t_prev = t
-    return times, losses
+    return clock
 
 
 @benchmark("clm_step", "slm CLM training step (slm train, Lightning) vs a minimal plain-PyTorch loop")
@@ -206,7 +231,7 @@ def clm_step(quick: bool) -> dict[str, Any]:
     import torch
 
     p = CLM_QUICK if quick else CLM_FULL
-    threads = os.cpu_count() or 1
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # = nproc
     torch.set_num_threads(threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     corpus, data = corpus_overrides()
@@ -234,49 +259,45 @@ def clm_step(quick: bool) -> dict[str, Any]:
     slm_iters: list[float] = []
     slm_steps: list[float] = []
     plain_iters: list[float] = []
-    rows, per_round = [], []
-    loss_pairs = []
+    rows, per_round, losses = [], [], []
     for r in range(p["rounds"]):
-        run_dir = CACHE_DIR / "runs" / "clm_step" / f"round{r}"
-        order = ("slm", "plain") if r % 2 == 0 else ("plain", "slm")  # alternate: drift hits both sides
-        for side in order:
-            if side == "slm":
-                it, st, slm_loss, lightning_threads = _slm_run(overrides, run_dir)
-            else:
-                pit, plain_loss = _plain_run(overrides)
-        if lightning_threads != threads:
-            raise RuntimeError(f"torch threads changed under Lightning: {lightning_threads} != {threads}")
-        it, st, pit = it[w:], st[w:], pit[w:]
+        plain_first = r % 2 == 1  # alternate which side goes first in each pair
+        clock = _paired_round(overrides, CACHE_DIR / "runs" / "clm_step" / f"round{r}", plain_first)
+        if clock.threads != threads:
+            raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
+        it, st, pit = clock.slm_iter[w:], clock.slm_step[w:], clock.plain_iter[w:]
         slm_iters += it
         slm_steps += st
         plain_iters += pit
         s_med, p_med = statistics.median(it), statistics.median(pit)
-        ratio = p_med / s_med
-        per_round.append(ratio)
-        loss_pairs.append((slm_loss[-1], plain_loss[-1], slm_loss[0], plain_loss[0]))
-        rows.append([f"round {r + 1} ({order[0]} first)", f"{s_med * 1e3:.0f}", f"{statistics.median(st) * 1e3:.0f}",
-                     f"{p_med * 1e3:.0f}", f"{ratio:.3f}"])
+        per_round.append(p_med / s_med)
+        losses.append((clock.slm_loss, clock.plain_loss))
+        rows.append([f"round {r + 1} ({'plain' if plain_first else 'slm'} first)", f"{s_med * 1e3:.0f}",
+                     f"{statistics.median(st) * 1e3:.0f}", f"{p_med * 1e3:.0f}", f"{p_med / s_med:.3f}"])
 
     s_med, p_med = statistics.median(slm_iters), statistics.median(plain_iters)
     step_med = statistics.median(slm_steps)
     ratio = p_med / s_med
-    rows.append(["all rounds (median)", f"{s_med * 1e3:.0f}", f"{step_med * 1e3:.0f}", f"{p_med * 1e3:.0f}",
-                 f"**{ratio:.3f}**"])
+    paired = statistics.median(b / a for a, b in zip(slm_iters, plain_iters, strict=True))
+    rows.append(["all rounds", f"{s_med * 1e3:.0f}", f"{step_med * 1e3:.0f}", f"{p_med * 1e3:.0f}", f"{ratio:.3f}"])
     print()
-    print(table(["", "slm ms/iter", "slm ms/training_step", "plain ms/iter", "tokens/s slm / plain"], rows))
-    print(f"\ntokens/s: slm {tokens_per_step / s_med:,.0f}, plain {tokens_per_step / p_med:,.0f}; "
+    print(table(["median per step", "slm ms/iter", "slm ms/training_step", "plain ms/iter",
+                 "tokens/s slm / plain"], rows))
+    print(f"\ntokens/s: slm {tokens_per_step / s_med:,.0f}, plain {tokens_per_step / p_med:,.0f}: "
           f"ratio {ratio:.3f} (goal >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'}); "
-          f"per round {', '.join(f'{x:.3f}' for x in per_round)}")
-    print("slm ms/iter: end of batch i-1 -> end of batch i (loader + Lightning hooks + logging + step); "
-          "slm ms/training_step: on_train_batch_start -> on_train_batch_end")
+          f"median of the {len(slm_iters)} paired step ratios {paired:.3f}")
+    print("slm ms/iter: end of batch i-1 -> end of batch i (loader + Lightning hooks + logging + training_step); "
+          "slm ms/training_step: on_train_batch_start -> on_train_batch_end; plain ms/iter: batch fetch -> "
+          "sched.step()")
 
-    # Same work: the same init and windows give (nearly) the same loss curve on both sides.
-    first_diff = max(abs(a - b) for _, _, a, b in loss_pairs)
-    last_diff = max(abs(a - b) for a, b, _, _ in loss_pairs)
-    s_last, p_last = loss_pairs[-1][0], loss_pairs[-1][1]
-    print(f"training loss after {n_steps} steps: slm {s_last:.4f}, plain {p_last:.4f} "
-          f"(max |diff| over rounds: step 1 {first_diff:.2e}, step {n_steps} {last_diff:.2e})")
-    if first_diff > 1e-4 or last_diff > 2e-2 * max(1.0, abs(p_last)):
+    # Same work: the same init and windows must give (nearly) the same loss curve on both sides.
+    first_diff = max(abs(sl[0] - pl[0]) for sl, pl in losses)
+    last_diff = max(abs(sl[-1] - pl[-1]) for sl, pl in losses)
+    s_last, p_last = losses[-1][0][-1], losses[-1][1][-1]
+    print(f"training loss: step 1 slm {losses[-1][0][0]:.4f} plain {losses[-1][1][0]:.4f}; step {n_steps} "
+          f"slm {s_last:.4f} plain {p_last:.4f} (max |diff| over rounds: step 1 {first_diff:.1e}, "
+          f"step {n_steps} {last_diff:.1e})")
+    if first_diff > 1e-4 or last_diff > 1e-2 * max(1.0, abs(p_last)):
         raise AssertionError(f"slm and the plain loop disagree on the training loss (step 1: {first_diff:.2e}, "
                              f"step {n_steps}: {last_diff:.2e}): they are not doing the same work")
 
@@ -287,7 +308,7 @@ def clm_step(quick: bool) -> dict[str, Any]:
         "rounds": p["rounds"], "timed_steps_per_round": p["steps"], "warmup_steps": w,
         "slm_ms_per_iter": s_med * 1e3, "slm_ms_per_training_step": step_med * 1e3, "plain_ms_per_iter": p_med * 1e3,
         "slm_tokens_per_s": tokens_per_step / s_med, "plain_tokens_per_s": tokens_per_step / p_med,
-        "ratio": ratio, "ratio_per_round": per_round, "goal": 0.95,
+        "ratio": ratio, "ratio_per_round": per_round, "ratio_paired_median": paired, "goal": 0.95,
         "loss_slm": s_last, "loss_plain": p_last, "loss_max_abs_diff_first": first_diff,
         "loss_max_abs_diff_last": last_diff,
     }

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenize a corpus into train.bin / val.bin / meta.json"),
     "train": ("train", "pretrain a GPT with a token-selection strategy"),
     "eval": ("eval", "perplexity of a checkpoint on a corpus split"),
+    "score": ("score", "reference-model losses beside a corpus, for selection=rho1"),
 }
 
 USAGE = """usage: slm <command> [hydra overrides...] [-m] [--help] [--cfg job]

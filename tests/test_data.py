@@ -310,6 +310,10 @@ def test_load_prepared_validates(tmp_path: Path, paths: DictConfig, corpus: Path
         f.truncate(4)
     with pytest.raises(SlmError, match="val.bin has 4 bytes"):
         load_prepared(data.dir)
+    # prepare reports the damage rather than silently rebuilding; the fix it names repairs it.
+    with pytest.raises(SlmError, match="delete meta.json and re-run"):
+        prepare(files_cfg(corpus), paths)
+    meta_path.unlink()
     assert prepare(files_cfg(corpus), paths).meta["val_tokens"] == data.meta["val_tokens"], "repaired"
 
 

@@ -270,12 +270,13 @@ def prepare(
         identity = f"bpe:{settings['vocab_size']}"
     else:
         identity = tokenizer_sha256(tok)
-        if not data_cfg.get("name"):
-            base = _try_load(out)
-            eos = eos_id(tok, data_cfg.eos_token)
-            if base and _same_tokens(base.meta, identity, source_fp, eos, settings["val_fraction"]):
-                return base
-            out = out.with_name(f"{out.name}.tok-{identity[:8]}")
+        # Never overwrite data prepared with another tokenizer: an external tokenizer gets its own
+        # folder, unless the plain folder already holds exactly these tokens.
+        base = _try_load(out)
+        eos = eos_id(tok, data_cfg.eos_token)
+        if base and _same_tokens(base.meta, identity, source_fp, eos, settings["val_fraction"]):
+            return base
+        out = out.with_name(f"{out.name}.tok-{identity[:8]}")
     fingerprint = _fingerprint(source_fp, identity, settings)
     # A corrupt or inconsistent folder is an error, not silently rebuilt: something other than
     # `slm prepare` changed it, and the user should know before anything overwrites it.

@@ -1,0 +1,108 @@
+"""RHO-1 Selective Language Modeling (Lin et al. 2024, arXiv 2404.07965).
+
+A reference model trained on curated data scores every token; the model trains only on the top
+``ratio`` of each micro-batch's tokens by
+
+- ``excess`` (the paper's method): Δ_j = ℓ_j − ℓ^ref_j, signed. Tokens the reference finds easy
+  but the model does not yet predict are the learnable ones; noise has a high ℓ^ref and a low Δ.
+- ``reference_loss``: −ℓ^ref_j, the tokens the reference finds easiest;
+- ``reference_entropy``: −H^ref_j, the tokens the reference is most certain about.
+
+The two reference-only variants are *our reading* of the paper's ablations (select by reference
+loss or entropy alone); both keep the low end, where the reference deems a token clean.
+
+Reference statistics come either precomputed by `slm score` (stored beside train.bin and gathered
+into each batch as ``ref_loss`` / ``ref_entropy``; no cost during training) or from the reference
+run online on every micro-batch, which costs 2·N_ref FLOPs per token and is counted as such.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slm_cli.errors import SlmError
+from slm_cli.loss import TokenStats
+from slm_cli.selection.base import Selected, Selection, check_choice, check_fraction, keep_count, top_k_mask
+
+if TYPE_CHECKING:
+    from slm_cli.data.prepare import PreparedData
+    from slm_cli.reference import ReferenceModel
+
+SCORES = ("excess", "reference_loss", "reference_entropy")
+MODES = ("precomputed", "online")
+
+
+class Rho1(Selection):
+    name = "rho1"
+
+    def __init__(
+        self,
+        name: str = "rho1",
+        ratio: float = 0.6,
+        score: str = "excess",
+        reference: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.name = name
+        self.ratio = check_fraction("selection.ratio", ratio)
+        self.score = check_choice("selection.score", score, SCORES)
+        ref = dict(reference or {})
+        self.mode = check_choice("selection.reference.mode", ref.get("mode", "precomputed"), MODES)
+        self.path = ref.get("path")
+        self.ref_name = ref.get("name")
+        self.ckpt_path = ref.get("ckpt_path")
+        self.reference: ReferenceModel | None = None
+        if self.mode == "online":
+            if not self.ckpt_path:
+                raise SlmError("selection.reference.mode=online needs the reference model: pass "
+                               "selection.reference.ckpt_path=<slm checkpoint or Hugging Face folder>")
+            from slm_cli.reference import load
+
+            self.reference = load(str(self.ckpt_path))
+
+    def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
+        if self.reference is not None:
+            self.reference.check_data(prepared)
+            return {}
+        from slm_cli.reference import load_scores
+
+        scores = load_scores(prepared, path=self.path, name=self.ref_name)
+        # ref_loss is always logged; the entropy array is only read when it is the score.
+        keys = ("ref_loss", "ref_entropy") if self.score == "reference_entropy" else ("ref_loss",)
+        return {key: scores[key] for key in keys}
+
+    def extra_forward_flops(self, tokens: int) -> float:
+        return 0.0 if self.reference is None else tokens * self.reference.forward_flops_per_token
+
+    def _reference_stats(self, batch: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor | None]:
+        """Flat (M,) reference loss and, when it is the score, entropy."""
+        if self.reference is not None:
+            ref = self.reference
+            if batch["input_ids"].shape[1] > ref.block_size:
+                raise SlmError(f"training windows of {batch['input_ids'].shape[1]} tokens exceed the context of "
+                               f"reference {ref.spec} ({ref.block_size}): lower model.block_size")
+            if ref.device != device:
+                ref.to(device)
+            loss, entropy = ref.token_stats(batch["input_ids"], batch["labels"])
+            return loss.reshape(-1).float(), entropy.reshape(-1).float()
+        if "ref_loss" not in batch:
+            raise SlmError("selection=rho1 found no ref_loss in the batch: reference losses are loaded by "
+                           "Rho1.aligned(prepared) before training")
+        entropy = batch.get("ref_entropy")
+        return (batch["ref_loss"].reshape(-1).to(device, torch.float32),
+                None if entropy is None else entropy.reshape(-1).to(device, torch.float32))
+
+    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
+        ref_loss, ref_entropy = self._reference_stats(batch, stats.loss.device)
+        if self.score == "excess":
+            scores = stats.loss - ref_loss
+        elif self.score == "reference_loss":
+            scores = -ref_loss
+        else:
+            scores = -ref_entropy
+        mask, threshold = top_k_mask(scores, keep_count(self.ratio, scores.numel()))
+        return Selected(mask=mask, metrics={"threshold": threshold, "ref_loss": float(ref_loss.mean())})
