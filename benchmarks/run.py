@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import platform
@@ -314,8 +315,329 @@ def clm_step(quick: bool) -> dict[str, Any]:
     }
 
 
+# ---- selection_step: step time of each selection strategy relative to CLM -----------------------
+# GPT-2's vocabulary (50304 = 50257 padded to a multiple of 64) on a small trunk, so the LM head is
+# most of the step: what token selection can save is the head's backward on the dropped rows.
+SEL_FULL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "batch_size": 8, "vocab_size": 50304,
+            "rounds": 3, "steps": 6, "warmup": 2, "optional": True}
+SEL_QUICK = {"n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128, "batch_size": 4, "vocab_size": 50304,
+             "rounds": 1, "steps": 3, "warmup": 1, "optional": False}
+REF_NAME = "bench-ref"  # the score folder ref-bench-ref/ beside the benchmark corpus's train.bin
+REF_STEPS = 40
+
+
+@dataclass
+class Variant:
+    label: str
+    overrides: list[str]
+    keep: float  # nominal keep ratio k
+    goal: float | None  # goal for step time / CLM's step time (None: no goal, for comparison)
+
+
+def _selection_variants(ref_ckpt: Path, optional: bool) -> list[Variant]:
+    rho1 = ["selection=rho1", f"data.tokenizer={ref_ckpt}", f"selection.reference.name={REF_NAME}"]
+    variants = [
+        Variant("clm", ["selection=clm"], 1.0, None),
+        Variant("eslm", ["selection=eslm"], 0.6, 1.00),
+        Variant("eslm score=entropy", ["selection=eslm", "selection.score=entropy"], 0.6, 1.00),
+        Variant("rho1", rho1, 0.6, 1.00),
+        Variant("eslm alpha=0.6", ["selection=eslm", "selection.alpha=0.6"], 0.4, 0.90),
+        Variant("rho1 ratio=0.4", [*rho1, "selection.ratio=0.4"], 0.4, 0.90),
+    ]
+    if optional:
+        variants += [
+            Variant("random", ["selection=random"], 0.6, None),
+            Variant("eslm alpha=0.6 recompute", ["selection=eslm", "selection.alpha=0.6", "loss.keep_probs=false"],
+                    0.4, None),
+        ]
+    return variants
+
+
+def compose_score(overrides: list[str]):
+    """The `slm score` config, composed exactly as the CLI composes it, plus `overrides`."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("slm_cli.conf", version_base="1.3"):
+        return compose(config_name="score", overrides=overrides)
+
+
+def _train_with(overrides: list[str], run_dir: Path, callbacks: list) -> dict[str, Any]:
+    """`slm_cli.train.train(cfg)` in a fresh run dir, with `callbacks` added to its Trainer."""
+    import slm_cli.train as slm_train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = compose_train([*overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
+    real_build = slm_train.build_trainer
+
+    def build_trainer(cfg, run_dir):
+        trainer = real_build(cfg, run_dir)
+        for cb in reversed(callbacks):
+            trainer.callbacks.insert(0, cb)
+        return trainer
+
+    slm_train.build_trainer = build_trainer
+    try:
+        slm_train.train(cfg)
+    finally:
+        slm_train.build_trainer = real_build
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def _iteration_clock():
+    """A Lightning callback recording each iteration: end of batch i-1 -> end of batch i (the first
+    from on_train_start), so the loader fetch (with the per-token reference losses of rho1), every
+    hook and logger call and training_step are all inside."""
+    import lightning as L
+    import torch
+
+    class Clock(L.Callback):
+        def __init__(self) -> None:
+            self.iters: list[float] = []
+            self.threads = 0
+            self._mark = 0.0
+
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.threads = torch.get_num_threads()
+            self._mark = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            t = time.perf_counter()
+            self.iters.append(t - self._mark)
+            self._mark = t
+
+    return Clock()
+
+
+def _reference(data: list[str], prepared) -> Path:
+    """A tiny gpt2-nano reference trained with CLM on the benchmark corpus (same BPE, so the data
+    folder is shared), scored over train.bin with `slm score`'s code path. Cached in .cache/."""
+    from slm_cli.errors import SlmError
+    from slm_cli.reference import load_scores, score
+
+    run_dir = CACHE_DIR / "runs" / "selection_step" / "reference"
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        with contextlib.suppress(SlmError):
+            load_scores(prepared, name=REF_NAME)
+            print(f"reference: {ckpt} and its scores in {prepared.dir / f'ref-{REF_NAME}'} (cached)")
+            return ckpt
+    t0 = time.perf_counter()
+    _train_with([*data, "model=gpt2-nano", "data.batch_size=16", "seed=1337", f"trainer.max_steps={REF_STEPS}",
+                 f"trainer.val_check_interval={REF_STEPS}", "trainer.limit_val_batches=2",
+                 f"trainer.checkpoint_every_n_steps={10**9}", "trainer.enable_progress_bar=false", "logger=csv"],
+                run_dir, [])
+    train_s = time.perf_counter() - t0
+    # context = the reference's block size; stride = context scores each token once with less overlap.
+    result = score(compose_score([*data, f"ckpt_path={ckpt}", f"name={REF_NAME}", "stride=128", "batch_size=32"]))
+    print(f"reference: gpt2-nano, {REF_STEPS} CLM steps ({train_s:.0f}s) -> {ckpt}; scored {result['tokens']:,} "
+          f"tokens at {result['tokens_per_s']:,.0f} tokens/s")
+    return ckpt
+
+
+@benchmark("selection_step", "step time of each selection strategy / CLM's (slm train, GPT-2 vocabulary)")
+def selection_step(quick: bool) -> dict[str, Any]:
+    import logging
+
+    import torch
+
+    from slm_cli.data.prepare import prepare
+    from slm_cli.selection.base import keep_count
+
+    p = SEL_QUICK if quick else SEL_FULL
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    corpus, data = corpus_overrides()
+    prepared = prepare(compose_train(data).data, compose_train(data).paths)
+    ref_ckpt = _reference(data, prepared)
+
+    n_steps = p["warmup"] + p["steps"]
+    model = [f"model.{k}={p[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]
+    base = [
+        *data, "model=gpt2-nano", "model.name=bench-selection", *model, f"data.batch_size={p['batch_size']}",
+        "seed=1337", f"trainer.max_steps={n_steps}", f"trainer.val_check_interval={n_steps}",
+        "trainer.limit_val_batches=1", f"trainer.checkpoint_every_n_steps={10**9}",
+        "trainer.enable_progress_bar=false", "logger=csv",
+    ]
+    M = p["batch_size"] * p["block_size"]
+    variants = _selection_variants(ref_ckpt, p["optional"])
+    print(f"corpus: {corpus} -> {prepared.dir} ({prepared.meta['train_tokens']:,} train tokens, tokenizer vocab "
+          f"{prepared.vocab_size}); model: L={p['n_layer']} H={p['n_head']} d={p['n_embd']} T={p['block_size']}, "
+          f"head vocab {p['vocab_size']}, B={p['batch_size']} -> M={M} tokens/step; torch threads {threads}; "
+          f"{p['rounds']} rounds x {len(variants)} variants x {p['steps']} timed steps (+{p['warmup']} warmup)")
+
+    w = p["warmup"]
+    iters: dict[str, list[float]] = {v.label: [] for v in variants}
+    round_med: dict[str, list[float]] = {v.label: [] for v in variants}
+    summaries: dict[str, dict[str, Any]] = {}
+    orders = []
+    for r in range(p["rounds"]):
+        # Alternate the order: forward, then reversed, then rotated, so drifting load hits every variant.
+        shift = r * len(variants) // max(1, p["rounds"])
+        order = variants[shift:] + variants[:shift]
+        order = order[::-1] if r % 2 else order
+        orders.append([v.label for v in order])
+        for v in order:
+            clock = _iteration_clock()
+            run_dir = CACHE_DIR / "runs" / "selection_step" / v.label.replace(" ", "_").replace("=", "")
+            t0 = time.perf_counter()
+            summary = _train_with([*base, *v.overrides], run_dir, [clock])
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~200 MB each: not needed
+            if clock.threads != threads:
+                raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
+            timed = clock.iters[w:]
+            iters[v.label] += timed
+            round_med[v.label].append(statistics.median(timed))
+            summaries[v.label] = summary
+            print(f"  round {r + 1}: {v.label:26s} {statistics.median(timed) * 1e3:7.0f} ms/step "
+                  f"(run {time.perf_counter() - t0:.0f}s)", flush=True)
+
+    clm_med = statistics.median(iters["clm"])
+    rows, figures = [], {}
+    for v in variants:
+        med = statistics.median(iters[v.label])
+        per_round = [a / b for a, b in zip(round_med[v.label], round_med["clm"], strict=True)]
+        ratio = med / clm_med
+        s = summaries[v.label]
+        frac = s["selected_tokens"] / s["train_tokens"]
+        expected = keep_count(v.keep, M) / M
+        if abs(frac - expected) > 1e-12:
+            raise AssertionError(f"{v.label}: selected_tokens/train_tokens = {frac} but ceil(k*M)/M = {expected}")
+        goal = "" if v.goal is None else f"<= {v.goal:.2f} {'met' if ratio <= v.goal else 'NOT met'}"
+        rows.append([v.label, f"{v.keep:.1f}", f"{frac:.4f}", f"{med * 1e3:.0f}",
+                     " ".join(f"{x:.3f}" for x in per_round), f"{ratio:.3f}", goal,
+                     f"{1 - ratio:+.3f}", f"{s['flops_saved_frac_realized']:.3f}", f"{s['flops_saved_frac']:.3f}"])
+        figures[v.label] = {
+            "overrides": v.overrides, "keep": v.keep, "selected_frac": frac, "expected_selected_frac": expected,
+            "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in round_med[v.label]],
+            "ratio": ratio, "ratio_per_round": per_round, "ratio_median_of_rounds": statistics.median(per_round),
+            "goal": v.goal, "time_saved_frac": 1 - ratio,
+            "flops_saved_frac_realized": s["flops_saved_frac_realized"], "flops_saved_frac": s["flops_saved_frac"],
+        }
+    print()
+    print(table(["variant", "k", "selected/M", "ms/step", "ratio per round", "ratio", "goal", "time saved",
+                 "realised saved", "nominal saved"], rows))
+    print(f"\nms/step: median over all rounds of end of batch i-1 -> end of batch i (loader, hooks, logging, "
+          f"training_step); ratio = median ms/step / CLM's ({clm_med * 1e3:.0f} ms); time saved = 1 - ratio; "
+          f"realised/nominal saved: summary.json flops_saved_frac_realized / flops_saved_frac; "
+          f"selected/M = ceil(k*M)/M checked for every variant")
+    return {
+        "quick": quick, "corpus": corpus, **{k: p[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                                "batch_size", "vocab_size")},
+        "tokenizer_vocab": prepared.vocab_size, "tokens_per_step": M, "rounds": p["rounds"],
+        "timed_steps_per_round": p["steps"], "warmup_steps": w, "orders": orders, "reference": str(ref_ckpt),
+        "clm_ms_per_step": clm_med * 1e3, "variants": figures,
+    }
+
+
+# ---- loss_memory: peak memory of slm's loss path vs naive full logits ----------------------------
+MEM_FULL = {"m": 8192, "d": 256, "v": 50304, "chunk_size": 4096}
+MEM_QUICK = {"m": 2048, "d": 256, "v": 50304, "chunk_size": 4096}
+MEM_VARIANTS = [  # (label, loss path, keep ratio)
+    ("naive F.cross_entropy(hidden @ W.T)", "naive", 1.0),
+    ("slm store, CLM", "store", 1.0),
+    ("slm store, keep 0.6", "store", 0.6),
+    ("slm recompute, CLM", "recompute", 1.0),
+    ("slm recompute, keep 0.6", "recompute", 0.6),
+]
+
+
+def _maxrss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _loss_memory_child(path: str, keep: float, m: int, d: int, v: int, chunk_size: int) -> dict[str, Any]:
+    """One variant in this (fresh) process: peak RSS above the baseline, for forward + backward."""
+    import torch
+    import torch.nn.functional as F
+
+    from slm_cli.loss import token_stats, weighted_loss
+    from slm_cli.selection.base import keep_count, top_k_mask
+
+    torch.manual_seed(0)
+    hidden = torch.randn(m, d).requires_grad_()
+    weight = (torch.randn(v, d) * 0.02).requires_grad_()
+    labels = torch.randint(0, v, (m,))
+    # One warm small op (kernels, allocator, autograd engine) before the baseline is read.
+    F.cross_entropy(hidden[:16] @ weight[:256].T, labels[:16] % 256).backward()
+    hidden.grad = weight.grad = None
+    baseline = _maxrss_mib()
+    t0 = time.perf_counter()
+    if path == "naive":
+        loss = F.cross_entropy(hidden @ weight.T, labels)
+    else:
+        stats = token_stats(hidden.detach(), weight.detach(), labels, chunk_size=chunk_size,
+                            keep_probs=path == "store")
+        mask = torch.ones(m, dtype=torch.bool) if keep == 1.0 else top_k_mask(stats.loss, keep_count(keep, m))[0]
+        weights = mask.float() / mask.sum()
+        loss = weighted_loss(hidden, weight, labels, weights, stats, chunk_size=chunk_size)
+    loss.backward()
+    seconds = time.perf_counter() - t0
+    return {"baseline_mib": baseline, "peak_mib": _maxrss_mib(), "seconds": seconds, "loss": float(loss),
+            "grad_norm": float(torch.linalg.vector_norm(weight.grad))}
+
+
+def _child(argv: list[str]) -> int:
+    """`run.py --child NAME JSON`: a benchmark's measurement in a fresh process; prints JSON."""
+    name, kwargs = argv[0], json.loads(argv[1])
+    children = {"loss_memory": _loss_memory_child}
+    print(json.dumps(children[name](**kwargs)))
+    return 0
+
+
+@benchmark("loss_memory", "peak memory of slm's chunked loss (forward + backward) vs naive full logits")
+def loss_memory(quick: bool) -> dict[str, Any]:
+    import subprocess
+
+    p = MEM_QUICK if quick else MEM_FULL
+    m, d, v = p["m"], p["d"], p["v"]
+    one = m * v * 4 / 2**20
+    print(f"hidden ({m}, {d}) and head weight ({v}, {d}), float32, both requiring grad; chunk_size "
+          f"{p['chunk_size']}; one ({m}, {v}) float32 tensor = {one:,.0f} MiB; each variant in a fresh process")
+    results = {}
+    for label, path, keep in MEM_VARIANTS:
+        args = json.dumps({"path": path, "keep": keep, **p})
+        out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "loss_memory", args],
+                             capture_output=True, text=True, check=True)
+        results[label] = json.loads(out.stdout.strip().splitlines()[-1]) | {"path": path, "keep": keep}
+        r = results[label]
+        print(f"  {label:36s} +{r['peak_mib'] - r['baseline_mib']:7,.0f} MiB ({r['seconds']:.1f}s)", flush=True)
+
+    naive = results[MEM_VARIANTS[0][0]]
+    naive_inc = naive["peak_mib"] - naive["baseline_mib"]
+    rows, figures = [], {}
+    for label, path, _keep in MEM_VARIANTS:
+        r = results[label]
+        inc = r["peak_mib"] - r["baseline_mib"]
+        ratio = inc / naive_inc
+        goal = "" if path == "naive" else f"<= 0.5 {'met' if ratio <= 0.5 else 'NOT met'}"
+        rows.append([label, f"{r['baseline_mib']:,.0f}", f"{r['peak_mib']:,.0f}", f"{inc:,.0f}", f"{inc / one:.2f}",
+                     f"{ratio:.3f}", goal, f"{r['loss']:.5f}"])
+        figures[label] = {**r, "increase_mib": inc, "increase_in_MV_tensors": inc / one, "ratio_to_naive": ratio}
+    # Same work: the CLM variants must give the naive loss and head gradient (keep 0.6 trains a subset).
+    for label, _path, keep in MEM_VARIANTS:
+        r = results[label]
+        if keep == 1.0 and (abs(r["loss"] - naive["loss"]) > 1e-4 * max(1.0, abs(naive["loss"]))
+                            or abs(r["grad_norm"] - naive["grad_norm"]) > 1e-3 * naive["grad_norm"]):
+            raise AssertionError(f"{label}: loss {r['loss']} / |grad W| {r['grad_norm']} differ from naive's "
+                                 f"({naive['loss']} / {naive['grad_norm']})")
+    print()
+    print(table(["variant", "baseline MiB", "peak MiB", "increase MiB", "in (M,V) tensors", "ratio to naive",
+                 "goal", "loss"], rows))
+    print(f"\nincrease = peak RSS (ru_maxrss) after forward + backward - peak RSS after allocating the inputs and "
+          f"one warm small op; one ({m}, {v}) float32 tensor = {one:,.0f} MiB")
+    return {"quick": quick, **p, "one_MV_tensor_mib": one, "variants": figures}
+
+
 # ---- runner --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:  # internal: one measurement in a fresh process (loss_memory)
+        return _child(argv[1:])
     listing = "\n".join(f"  {b.name:12s} {b.help}" for b in BENCHMARKS.values())
     parser = argparse.ArgumentParser(description="slm benchmarks (figures: docs/benchmarks.md)",
                                      epilog=f"benchmarks:\n{listing}",

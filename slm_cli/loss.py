@@ -83,15 +83,17 @@ def token_stats(
     for s in _row_chunks(M, chunk_size):
         rows = slice(s, s + chunk_size)
         logits = (hidden[rows] @ w.T).float()
-        lse_c = torch.logsumexp(logits, dim=-1)
-        lse[rows] = lse_c
-        loss[rows] = lse_c - logits.gather(1, labels[rows, None]).squeeze(1)
+        label_logit = logits.gather(1, labels[rows, None]).squeeze(1)
+        # One fused log-softmax pass; the logits buffer is then reused for log p (and p).
+        logp = torch.log_softmax(logits, dim=-1)
+        label_logp = logp.gather(1, labels[rows, None]).squeeze(1)
+        loss[rows] = -label_logp
+        lse[rows] = label_logit - label_logp  # log-sum-exp = logit_y − log p_y
         if ent is not None or probs is not None:
-            # exp(logit − lse) is written straight into the kept buffer: no extra (chunk, Vp) copy.
-            p = probs[rows] if probs is not None else torch.empty_like(logits)
-            torch.sub(logits, lse_c[:, None], out=p).exp_()
+            # exp(log p) is written straight into the kept buffer: no extra (chunk, Vp) copy.
+            p = torch.exp(logp, out=probs[rows]) if probs is not None else logp.exp()
             if ent is not None:
-                ent[rows] = lse_c - torch.linalg.vecdot(p, logits)  # H = lse − Σ_v p_v·logit_v
+                ent[rows] = -torch.linalg.vecdot(p, logp)  # H = −Σ_v p_v·log p_v
     return TokenStats(loss=loss, lse=lse, entropy=ent, probs=probs)
 
 
@@ -159,7 +161,8 @@ class _WeightedHeadCE(torch.autograd.Function):
                 # store mode reads the softmax kept by token_stats (never modified: stats stay
                 # valid); recompute mode pays one more (k·M, d) × (d, Vp) matmul here.
                 if probs is not None:
-                    G = probs[r] * coef[:, None]
+                    # In place: the kept softmax is consumed here (it is not read after backward).
+                    G = probs[r].mul_(coef[:, None])
                 else:
                     G = torch.softmax((h @ w.T).float(), dim=-1).mul_(coef[:, None])
                 if target_ids is None:

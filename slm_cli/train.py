@@ -32,7 +32,9 @@ from slm_cli.selection.base import Selection
 # loader is infinite (the run ends at trainer.max_steps).
 for _pattern in (".*does not have many workers.*", ".*The number of training batches.*",
                  ".*`training_step` returns `None`.*", ".*on_validation_epoch_end.*sync_dist.*",
-                 ".*ThroughputMonitor.*", ".*Checkpoint directory .* exists and is not empty.*"):
+                 ".*ThroughputMonitor.*", ".*Checkpoint directory .* exists and is not empty.*",
+                 # the run dir already holds Hydra's .hydra/ and log when the CSV logger starts
+                 ".*Experiment logs directory .* exists and is not empty.*", ".*LeafSpec.*"):
     warnings.filterwarnings("ignore", _pattern)
 
 
@@ -71,10 +73,14 @@ def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, p
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     # Hydra's job logging already prints and files every record; Lightning's own console handler
     # would print each of its messages a second time.
-    lightning_log = logging.getLogger("lightning.pytorch")
-    for handler in list(lightning_log.handlers):
-        lightning_log.removeHandler(handler)
-    lightning_log.propagate = True
+    for name in ("lightning", "lightning.pytorch"):
+        lightning_log = logging.getLogger(name)
+        for handler in list(lightning_log.handlers):
+            lightning_log.removeHandler(handler)
+        lightning_log.propagate = True
+    # Lightning advertises a cloud logger at every start; not useful in a run's log.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
     t = cfg.trainer
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
@@ -154,7 +160,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if module.val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(last)
+    trainer.save_checkpoint(last, weights_only=False)  # the full state, so the run can be extended
 
     c = module.counters
     summary = {

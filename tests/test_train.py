@@ -96,22 +96,49 @@ def test_eval_reproduces_validation_loss(run: Path, tiny_data: Path) -> None:
     assert result["data"] == summary["data"]  # same tokenizer, so the prepared folder is reused
 
 
-def test_resume_is_exact(tiny_data: Path, tmp_path: Path) -> None:
-    """20 steps in one go == 10 steps, then resume from last.ckpt to 20."""
+STRATEGIES = {
+    "clm": [],
+    "random": ["selection=random", "selection.ratio=0.5"],
+    "eslm_entropy": ["selection=eslm", "selection.score=entropy", "selection.alpha=0.5"],
+    "ada_eslm": ["selection=ada_eslm"],
+    "rho1_online": ["selection=rho1", "selection.reference.mode=online"],
+}
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_resume_is_exact(strategy: str, run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """20 steps in one go == 10 steps, then resume from last.ckpt to 20, for every strategy
+    (data order, RNG state, LR schedule, counters and strategy state such as Ada-ESLM's alpha)."""
     common = ["optim.decay_steps=20", "optim.warmup_steps=4", "trainer.val_check_interval=10",
-              "trainer.checkpoint_every_n_steps=5"]
+              "trainer.checkpoint_every_n_steps=5", *STRATEGIES[strategy]]
+    if strategy == "rho1_online":  # the module's CLM run serves as the reference (same tokenizer)
+        common.append(f"selection.reference.ckpt_path={run}/checkpoints/last.ckpt")
     whole = train(tmp_path / "whole", tiny_data, "trainer.max_steps=20", *common, cwd=tmp_path)
     train(tmp_path / "half", tiny_data, "trainer.max_steps=10", *common, cwd=tmp_path)
     resumed = train(tmp_path / "resumed", tiny_data, "trainer.max_steps=20",
                     f"ckpt_path={tmp_path}/half/checkpoints/last.ckpt", *common, cwd=tmp_path)
     assert resumed["steps"] == 20
     assert abs(resumed["val_loss"] - whole["val_loss"]) < 1e-6
-    for key in ("train_tokens", "selected_tokens", "flops_total", "flops_clm_equivalent"):
+    for key in ("train_tokens", "selected_tokens", "flops_total", "flops_nominal", "flops_clm_equivalent"):
         assert resumed[key] == whole[key], key
     a = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
+    assert a["slm"]["selection"] == b["slm"]["selection"]
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("everything", [["selection=eslm", "selection.alpha=1e-9"],
+                                        ["selection=random", "selection.ratio=0.999999999"]])
+def test_selecting_everything_is_clm_bit_for_bit(everything: list[str], tiny_data: Path, tmp_path: Path) -> None:
+    common = ["trainer.max_steps=6", "trainer.val_check_interval=6"]
+    clm = train(tmp_path / "clm", tiny_data, *common, cwd=tmp_path)
+    other = train(tmp_path / "other", tiny_data, *common, *everything, cwd=tmp_path)
+    assert other["selected_tokens"] == other["train_tokens"]
+    assert other["val_loss"] == clm["val_loss"]
+    a = torch.load(tmp_path / "clm/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "other/checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_data: Path, tmp_path: Path) -> None:

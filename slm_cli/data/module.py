@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import lightning as L
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from slm_cli.data.prepare import PreparedData
@@ -39,8 +40,11 @@ class SLMDataModule(L.LightningDataModule):
         self.aligned = aligned or {}  # per-token arrays gathered into training batches
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
+        # A private generator: a DataLoader draws a seed from torch's global RNG each time it starts
+        # an iterator, which would make the global stream (dropout, random selection) depend on
+        # when loaders restart, and so break exact resume.
         return DataLoader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          **kwargs)
+                          generator=torch.Generator().manual_seed(self.seed), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
