@@ -78,3 +78,23 @@ def test_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0].startswith(str(target))
     assert yaml.safe_load("\n".join(proc.stdout.splitlines()[1:]))["task_name"] == "clm_tiny"
+
+
+def test_gpt2_experiment_runs_with_small_overrides(tiny_data: Path, tmp_path: Path) -> None:
+    """`+experiment=eslm_gpt2` composes, and command-line choices (data, model, steps) win."""
+    run = tmp_path / "run"
+    ok(slm("train", "+experiment=eslm_gpt2", "data=stdlib", "model=gpt2-nano", f"hydra.run.dir={run}",
+           f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET, "trainer.max_steps=2",
+           "trainer.accumulate_grad_batches=2", cwd=tmp_path))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["selection"] == "eslm" and summary["model"] == "gpt2-nano" and summary["steps"] == 2
+    assert summary["train_tokens"] == 2 * 2 * 4 * 32  # steps × micro-batches × batch × context
+
+
+def test_wandb_offline_and_tensorboard_loggers(tiny_data: Path, tmp_path: Path) -> None:
+    for logger, produced in (("wandb", "wandb"), ("tensorboard", "tensorboard")):
+        run = tmp_path / logger
+        ok(slm("train", f"logger={logger}", f"hydra.run.dir={run}", f"paths.data_dir={tiny_data}", *TINY_DATA,
+               *TINY_MODEL, *QUIET, "trainer.max_steps=2", cwd=tmp_path, env={"WANDB_SILENT": "true"}))
+        assert (run / "metrics.csv").is_file()  # csv is always written
+        assert any((run / produced).iterdir())
