@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "pretrain a GPT with a token-selection strategy"),
     "eval": ("eval", "perplexity of a checkpoint on a corpus split"),
     "score": ("score", "reference-model losses beside a corpus, for selection=rho1"),
+    "ngram": ("ngram", "top-r n-gram next-token distributions beside a corpus (n-gram targets)"),
 }
 
 USAGE = """usage: slm <command> [hydra overrides...] [-m] [--help] [--cfg job]
