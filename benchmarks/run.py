@@ -319,10 +319,13 @@ def clm_step(quick: bool) -> dict[str, Any]:
 # GPT-2's vocabulary (50304 = 50257 padded to a multiple of 64) on a small trunk, so the LM head is
 # most of the step: what token selection can save is the head's backward on the dropped rows.
 SEL_FULL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "batch_size": 8, "vocab_size": 50304,
-            "rounds": 3, "steps": 6, "warmup": 2, "optional": True}
+            "rounds": 3, "steps": 5, "warmup": 2, "optional": True}
 SEL_QUICK = {"n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128, "batch_size": 4, "vocab_size": 50304,
-             "rounds": 1, "steps": 3, "warmup": 1, "optional": False}
+             "rounds": 2, "steps": 3, "warmup": 1, "optional": False}
 REF_NAME = "bench-ref"  # the score folder ref-bench-ref/ beside the benchmark corpus's train.bin
+# The rho1 reference: only its per-token losses matter here (read from disk during training), so it is
+# gpt2-nano cut to L=2, d=64 and trained for a few dozen steps, which keeps `slm score` under ~30 s.
+REF_MODEL = ["model=gpt2-nano", "model.n_layer=2", "model.n_head=2", "model.n_embd=64"]
 REF_STEPS = 40
 
 
@@ -344,12 +347,9 @@ def _selection_variants(ref_ckpt: Path, optional: bool) -> list[Variant]:
         Variant("eslm alpha=0.6", ["selection=eslm", "selection.alpha=0.6"], 0.4, 0.90),
         Variant("rho1 ratio=0.4", [*rho1, "selection.ratio=0.4"], 0.4, 0.90),
     ]
-    if optional:
-        variants += [
-            Variant("random", ["selection=random"], 0.6, None),
-            Variant("eslm alpha=0.6 recompute", ["selection=eslm", "selection.alpha=0.6", "loss.keep_probs=false"],
-                    0.4, None),
-        ]
+    if optional:  # for the cost model: the head's backward at 1 + 3k instead of 1 + 2k
+        variants.append(Variant("eslm alpha=0.6 recompute",
+                                ["selection=eslm", "selection.alpha=0.6", "loss.keep_probs=false"], 0.4, None))
     return variants
 
 
@@ -363,32 +363,51 @@ def compose_score(overrides: list[str]):
         return compose(config_name="score", overrides=overrides)
 
 
-def _train_with(overrides: list[str], run_dir: Path, callbacks: list) -> dict[str, Any]:
-    """`slm_cli.train.train(cfg)` in a fresh run dir, with `callbacks` added to its Trainer."""
-    import slm_cli.train as slm_train
+class _Baton:
+    """Lets one of several `train()` threads run at a time, taking turns in a fixed cyclic order.
 
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = compose_train([*overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
-    real_build = slm_train.build_trainer
+    Only the holder computes; the others block on a condition variable, so the variants never
+    compete for the cores, and a burst of outside load lands on consecutive steps of different
+    variants instead of on one variant's whole run.
+    """
 
-    def build_trainer(cfg, run_dir):
-        trainer = real_build(cfg, run_dir)
-        for cb in reversed(callbacks):
-            trainer.callbacks.insert(0, cb)
-        return trainer
+    def __init__(self, labels: list[str]) -> None:
+        import threading
 
-    slm_train.build_trainer = build_trainer
-    try:
-        slm_train.train(cfg)
-    finally:
-        slm_train.build_trainer = real_build
-    return json.loads((run_dir / "summary.json").read_text())
+        self._cond = threading.Condition()
+        self._order = list(labels)
+        self._live = set(labels)
+        self._turn = 0
+        self.error: BaseException | None = None
+
+    def wait(self, label: str) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self.error is not None or self._order[self._turn] == label)
+            if self.error is not None:
+                raise RuntimeError(f"stopped: another variant failed ({self.error!r})")
+
+    def pass_on(self, done: str | None = None) -> None:
+        """Hand the turn to the next live variant (``done``: the caller's run has ended)."""
+        with self._cond:
+            self._live.discard(done)
+            n = len(self._order)
+            for step in range(1, n + 1):
+                if self._order[(self._turn + step) % n] in self._live:
+                    self._turn = (self._turn + step) % n
+                    break
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self.error = self.error or error
+            self._cond.notify_all()
 
 
-def _iteration_clock():
+def _iteration_clock(baton: _Baton | None = None, label: str = ""):
     """A Lightning callback recording each iteration: end of batch i-1 -> end of batch i (the first
     from on_train_start), so the loader fetch (with the per-token reference losses of rho1), every
-    hook and logger call and training_step are all inside."""
+    hook and logger call and training_step are all inside. With a ``baton`` it hands the turn to the
+    next variant at the end of each batch, and its clock restarts when the turn comes back."""
     import lightning as L
     import torch
 
@@ -403,20 +422,79 @@ def _iteration_clock():
             self._mark = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            t = time.perf_counter()
-            self.iters.append(t - self._mark)
-            self._mark = t
+            self.iters.append(time.perf_counter() - self._mark)
+            if baton is not None:
+                baton.pass_on()
+                baton.wait(label)
+            self._mark = time.perf_counter()
 
     return Clock()
 
 
-def _reference(data: list[str], prepared) -> Path:
+_THREAD_CALLBACKS: dict[int, list] = {}  # thread id -> callbacks for the Trainer that thread builds
+
+
+def _interleaved_trains(jobs: list[tuple[str, list[str], Path]], threads: int) -> dict[str, tuple[Any, dict]]:
+    """Run `slm_cli.train.train(cfg)` for every (label, overrides, run_dir) at once, one thread each,
+    taking turns step by step in the order of ``jobs``: step i of every variant, then step i+1...
+    Returns {label: (clock, summary.json)}. Setup, validation and the final checkpoint run inside a
+    turn too, so no two variants ever compute at the same time."""
+    import threading
+
+    import torch
+
+    import slm_cli.train as slm_train
+
+    cfgs = {}
+    for label, overrides, run_dir in jobs:  # Hydra's compose is global state: compose here, not in threads
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfgs[label] = compose_train([*overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
+    baton = _Baton([label for label, _, _ in jobs])
+    clocks = {label: _iteration_clock(baton, label) for label, _, _ in jobs}
+    summaries: dict[str, dict] = {}
+    real_build = slm_train.build_trainer
+
+    def build_trainer(cfg, run_dir):
+        trainer = real_build(cfg, run_dir)
+        for cb in reversed(_THREAD_CALLBACKS.get(threading.get_ident(), [])):
+            trainer.callbacks.insert(0, cb)
+        return trainer
+
+    def run(label: str, run_dir: Path) -> None:
+        try:
+            torch.set_num_threads(threads)
+            _THREAD_CALLBACKS[threading.get_ident()] = [clocks[label]]
+            baton.wait(label)
+            slm_train.train(cfgs[label])
+            summaries[label] = json.loads((run_dir / "summary.json").read_text())
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            baton.fail(e)
+        finally:
+            baton.pass_on(done=label)
+
+    slm_train.build_trainer = build_trainer
+    try:
+        workers = [threading.Thread(target=run, args=(label, run_dir), name=f"bench-{label}")
+                   for label, _, run_dir in jobs]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        slm_train.build_trainer = real_build
+        _THREAD_CALLBACKS.clear()
+    if baton.error is not None:
+        raise baton.error
+    return {label: (clocks[label], summaries[label]) for label, _, _ in jobs}
+
+
+def _reference(data: list[str], prepared, threads: int) -> Path:
     """A tiny gpt2-nano reference trained with CLM on the benchmark corpus (same BPE, so the data
     folder is shared), scored over train.bin with `slm score`'s code path. Cached in .cache/."""
     from slm_cli.errors import SlmError
     from slm_cli.reference import load_scores, score
 
-    run_dir = CACHE_DIR / "runs" / "selection_step" / "reference"
+    run_dir = CACHE_DIR / "runs" / "selection_step" / f"reference-L2-d64-{REF_STEPS}steps"  # new settings: new dir
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
         with contextlib.suppress(SlmError):
@@ -424,14 +502,18 @@ def _reference(data: list[str], prepared) -> Path:
             print(f"reference: {ckpt} and its scores in {prepared.dir / f'ref-{REF_NAME}'} (cached)")
             return ckpt
     t0 = time.perf_counter()
-    _train_with([*data, "model=gpt2-nano", "data.batch_size=16", "seed=1337", f"trainer.max_steps={REF_STEPS}",
+    overrides = [*data, *REF_MODEL, "data.batch_size=16", "seed=1337", f"trainer.max_steps={REF_STEPS}",
                  f"trainer.val_check_interval={REF_STEPS}", "trainer.limit_val_batches=2",
-                 f"trainer.checkpoint_every_n_steps={10**9}", "trainer.enable_progress_bar=false", "logger=csv"],
-                run_dir, [])
+                 f"trainer.checkpoint_every_n_steps={10**9}", "trainer.enable_progress_bar=false", "logger=csv"]
+    _interleaved_trains([("reference", overrides, run_dir)], threads)
     train_s = time.perf_counter() - t0
     # context = the reference's block size; stride = context scores each token once with less overlap.
-    result = score(compose_score([*data, f"ckpt_path={ckpt}", f"name={REF_NAME}", "stride=128", "batch_size=32"]))
-    print(f"reference: gpt2-nano, {REF_STEPS} CLM steps ({train_s:.0f}s) -> {ckpt}; scored {result['tokens']:,} "
+    os.environ["TQDM_MININTERVAL"] = "600"  # the progress bar's first and last lines only
+    try:
+        result = score(compose_score([*data, f"ckpt_path={ckpt}", f"name={REF_NAME}", "stride=128", "batch_size=32"]))
+    finally:
+        del os.environ["TQDM_MININTERVAL"]
+    print(f"reference: gpt2-nano L=2 d=64, {REF_STEPS} CLM steps ({train_s:.0f}s) -> {ckpt}; scored {result['tokens']:,} "
           f"tokens at {result['tokens_per_s']:,.0f} tokens/s")
     return ckpt
 
@@ -451,7 +533,7 @@ def selection_step(quick: bool) -> dict[str, Any]:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     corpus, data = corpus_overrides()
     prepared = prepare(compose_train(data).data, compose_train(data).paths)
-    ref_ckpt = _reference(data, prepared)
+    ref_ckpt = _reference(data, prepared, threads)
 
     n_steps = p["warmup"] + p["steps"]
     model = [f"model.{k}={p[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]
@@ -471,35 +553,42 @@ def selection_step(quick: bool) -> dict[str, Any]:
     w = p["warmup"]
     iters: dict[str, list[float]] = {v.label: [] for v in variants}
     round_med: dict[str, list[float]] = {v.label: [] for v in variants}
+    paired: dict[str, list[float]] = {v.label: [] for v in variants}  # step i / CLM's step i, same cycle
     summaries: dict[str, dict[str, Any]] = {}
     orders = []
     for r in range(p["rounds"]):
-        # Alternate the order: forward, then reversed, then rotated, so drifting load hits every variant.
-        shift = r * len(variants) // max(1, p["rounds"])
+        # Alternate the order within the cycle: forward, then reversed (then rotated...).
+        shift = (r // 2) * len(variants) // max(1, p["rounds"])
         order = variants[shift:] + variants[:shift]
         order = order[::-1] if r % 2 else order
         orders.append([v.label for v in order])
+        t0 = time.perf_counter()
+        done = _interleaved_trains([(v.label, [*base, *v.overrides],
+                                     CACHE_DIR / "runs" / "selection_step" / v.label.replace(" ", "_").replace("=", ""))
+                                    for v in order], threads)
         for v in order:
-            clock = _iteration_clock()
-            run_dir = CACHE_DIR / "runs" / "selection_step" / v.label.replace(" ", "_").replace("=", "")
-            t0 = time.perf_counter()
-            summary = _train_with([*base, *v.overrides], run_dir, [clock])
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~200 MB each: not needed
+            clock, summary = done[v.label]
+            shutil.rmtree(Path(summary["checkpoint"]).parent, ignore_errors=True)  # ~200 MB each, not needed
             if clock.threads != threads:
                 raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
             timed = clock.iters[w:]
             iters[v.label] += timed
             round_med[v.label].append(statistics.median(timed))
+            paired[v.label] += [a / b for a, b in zip(timed, done["clm"][0].iters[w:], strict=True)]
             summaries[v.label] = summary
-            print(f"  round {r + 1}: {v.label:26s} {statistics.median(timed) * 1e3:7.0f} ms/step "
-                  f"(run {time.perf_counter() - t0:.0f}s)", flush=True)
+        print(f"round {r + 1} ({time.perf_counter() - t0:.0f}s), cycle order: {' -> '.join(orders[-1])}")
+        print("  ms/step (median): " + ", ".join(f"{v.label} {round_med[v.label][-1] * 1e3:.0f}" for v in variants),
+              flush=True)
 
     clm_med = statistics.median(iters["clm"])
     rows, figures = [], {}
     for v in variants:
         med = statistics.median(iters[v.label])
         per_round = [a / b for a, b in zip(round_med[v.label], round_med["clm"], strict=True)]
-        ratio = med / clm_med
+        # The overall ratio is the median of the paired per-step ratios: robust to load that changes
+        # between rounds (pooling the steps of a loaded and a quiet round mixes two step times).
+        ratio = statistics.median(paired[v.label])
+        pooled = med / clm_med
         s = summaries[v.label]
         frac = s["selected_tokens"] / s["train_tokens"]
         expected = keep_count(v.keep, M) / M
@@ -507,20 +596,23 @@ def selection_step(quick: bool) -> dict[str, Any]:
             raise AssertionError(f"{v.label}: selected_tokens/train_tokens = {frac} but ceil(k*M)/M = {expected}")
         goal = "" if v.goal is None else f"<= {v.goal:.2f} {'met' if ratio <= v.goal else 'NOT met'}"
         rows.append([v.label, f"{v.keep:.1f}", f"{frac:.4f}", f"{med * 1e3:.0f}",
-                     " ".join(f"{x:.3f}" for x in per_round), f"{ratio:.3f}", goal,
+                     " ".join(f"{x:.3f}" for x in per_round), f"{ratio:.3f}", f"{pooled:.3f}", goal,
                      f"{1 - ratio:+.3f}", f"{s['flops_saved_frac_realized']:.3f}", f"{s['flops_saved_frac']:.3f}"])
         figures[v.label] = {
             "overrides": v.overrides, "keep": v.keep, "selected_frac": frac, "expected_selected_frac": expected,
             "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in round_med[v.label]],
             "ratio": ratio, "ratio_per_round": per_round, "ratio_median_of_rounds": statistics.median(per_round),
+            "ratio_pooled": pooled,
             "goal": v.goal, "time_saved_frac": 1 - ratio,
             "flops_saved_frac_realized": s["flops_saved_frac_realized"], "flops_saved_frac": s["flops_saved_frac"],
         }
     print()
-    print(table(["variant", "k", "selected/M", "ms/step", "ratio per round", "ratio", "goal", "time saved",
+    print(table(["variant", "k", "selected/M", "ms/step", "ratio per round", "ratio", "pooled", "goal", "time saved",
                  "realised saved", "nominal saved"], rows))
     print(f"\nms/step: median over all rounds of end of batch i-1 -> end of batch i (loader, hooks, logging, "
-          f"training_step); ratio = median ms/step / CLM's ({clm_med * 1e3:.0f} ms); time saved = 1 - ratio; "
+          f"training_step); ratio per round = the round's median ms/step / CLM's; ratio = median over all timed "
+          f"steps of step i / CLM's step i of the same cycle; pooled = median ms/step / CLM's ({clm_med * 1e3:.0f} "
+          f"ms); time saved = 1 - ratio; "
           f"realised/nominal saved: summary.json flops_saved_frac_realized / flops_saved_frac; "
           f"selected/M = ceil(k*M)/M checked for every variant")
     return {

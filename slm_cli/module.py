@@ -23,6 +23,8 @@ from slm_cli.errors import SlmError
 from slm_cli.loss import TokenStats, token_stats, weighted_loss
 from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.selection.base import Selected, Selection
+from slm_cli.targets.base import Target
+from slm_cli.targets.onehot import OneHot
 
 CHECKPOINT_FORMAT = 1
 COUNTERS = ("train_tokens", "selected_tokens", "flops_nominal", "flops_realized", "flops_clm")
@@ -44,6 +46,7 @@ class SLMModule(L.LightningModule):
         optim_cfg: Any,
         selection: Selection,
         *,
+        target: Target | None = None,
         max_steps: int,
         accumulate_grad_batches: int = 1,
         chunk_size: int = 4096,
@@ -57,6 +60,7 @@ class SLMModule(L.LightningModule):
         self.model = GPT(model)
         self.optim_cfg = optim_cfg
         self.selection = selection
+        self.target = target or OneHot()
         self.max_steps = max_steps
         self.accumulate = accumulate_grad_batches
         self.chunk_size = chunk_size
@@ -84,7 +88,8 @@ class SLMModule(L.LightningModule):
             selected = self.selection.select(stats, batch)
             n = selected.mask.sum()
             weights = selected.mask.to(torch.float32) / n.clamp_min(1)
-            loss = weighted_loss(h, weight, y, weights, stats, chunk_size=self.chunk_size)
+            loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
+                                 chunk_size=self.chunk_size)
             return StepOutput(loss=loss, stats=stats, selected=selected)
 
         return head

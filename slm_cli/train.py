@@ -27,6 +27,7 @@ from slm_cli.model.gpt import GPTConfig
 from slm_cli.module import SLMModule
 from slm_cli.outputs import AtomicCheckpointIO, load_checkpoint, write_json
 from slm_cli.selection.base import Selection
+from slm_cli.targets.base import Target
 
 # Deliberate choices that Lightning warns about: memmap windows need no loader workers, and the
 # loader is infinite (the run ends at trainer.max_steps).
@@ -98,12 +99,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     )
 
 
-def build_selection(selection_cfg: DictConfig) -> Selection:
-    """The strategy named by conf/selection/<name>.yaml; its constructor checks its own values."""
+def build(component_cfg: DictConfig) -> Any:
+    """A strategy or target named by its YAML's `_target_`; its constructor checks its own values."""
     from hydra.errors import InstantiationException
 
     try:
-        return instantiate(selection_cfg)
+        return instantiate(component_cfg)
     except InstantiationException as exc:  # Hydra wraps the constructor's error; report that one
         if isinstance(exc.__cause__, SlmError):
             raise exc.__cause__ from None
@@ -126,9 +127,10 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SLMModule, SLMData
     del resume
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    selection = build_selection(cfg.selection)
+    selection: Selection = build(cfg.selection)
+    target: Target = build(cfg.target)
     module = SLMModule(
-        gpt, cfg.optim, selection, max_steps=cfg.trainer.max_steps,
+        gpt, cfg.optim, selection, target=target, max_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, chunk_size=cfg.loss.chunk_size,
         keep_probs=cfg.loss.keep_probs, tokenizer_json=prepared.tokenizer_path.read_text(),
         run_config=OmegaConf.to_container(cfg, resolve=True),
@@ -136,7 +138,7 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SLMModule, SLMData
     datamodule = SLMDataModule(
         prepared, block_size=gpt.block_size, batch_size=cfg.data.batch_size, seed=cfg.seed,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, num_workers=cfg.data.num_workers,
-        val_batches=cfg.trainer.limit_val_batches, aligned=selection.aligned(prepared),
+        val_batches=cfg.trainer.limit_val_batches, aligned=selection.aligned(prepared) | target.aligned(prepared),
     )
     return build_trainer(cfg, run_dir), module, datamodule, selection, prepared
 
@@ -177,6 +179,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_tokens_per_s": module.tokens_this_run / module.train_seconds if module.train_seconds else 0.0,
         "wall_s": time.perf_counter() - t_start,
         "selection": selection.name,
+        "target": module.target.name,
         "model": cfg.model.name,
         "params": module.model.num_params(),
         "data": str(prepared.dir),
