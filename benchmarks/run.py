@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import json
 import math
 import os
@@ -508,11 +509,8 @@ def _reference(data: list[str], prepared, threads: int) -> Path:
     _interleaved_trains([("reference", overrides, run_dir)], threads)
     train_s = time.perf_counter() - t0
     # context = the reference's block size; stride = context scores each token once with less overlap.
-    os.environ["TQDM_MININTERVAL"] = "600"  # the progress bar's first and last lines only
-    try:
+    with contextlib.redirect_stderr(io.StringIO()):  # `slm score`'s progress bar (errors still raise)
         result = score(compose_score([*data, f"ckpt_path={ckpt}", f"name={REF_NAME}", "stride=128", "batch_size=32"]))
-    finally:
-        del os.environ["TQDM_MININTERVAL"]
     print(f"reference: gpt2-nano L=2 d=64, {REF_STEPS} CLM steps ({train_s:.0f}s) -> {ckpt}; scored {result['tokens']:,} "
           f"tokens at {result['tokens_per_s']:,.0f} tokens/s")
     return ckpt
@@ -676,7 +674,8 @@ def _loss_memory_child(path: str, keep: float, m: int, d: int, v: int, chunk_siz
 def _child(argv: list[str]) -> int:
     """`run.py --child NAME JSON`: a benchmark's measurement in a fresh process; prints JSON."""
     name, kwargs = argv[0], json.loads(argv[1])
-    children = {"loss_memory": _loss_memory_child}
+    children = {"loss_memory": _loss_memory_child, "ngram_build": _ngram_build_child,
+                "ngram_trie": _ngram_trie_child}
     print(json.dumps(children[name](**kwargs)))
     return 0
 
@@ -723,6 +722,413 @@ def loss_memory(quick: bool) -> dict[str, Any]:
     print(f"\nincrease = peak RSS (ru_maxrss) after forward + backward - peak RSS after allocating the inputs and "
           f"one warm small op; one ({m}, {v}) float32 tensor = {one:,.0f} MiB")
     return {"quick": quick, **p, "one_MV_tensor_mib": one, "variants": figures}
+
+
+# ---- ngram_build: `slm ngram`'s vectorised build vs a count-trie port of the authors' design ----
+NGRAM_FULL = {"tokens": 10_000_000, "ns": (3, 4, 5), "r": 8, "rounds": 3, "prefix": 1_000_000}
+NGRAM_QUICK = {"tokens": 2_000_000, "ns": (4,), "r": 8, "rounds": 1, "prefix": 100_000}
+NGRAM_VOCAB = 4096  # 12-bit ids: n = 5 fits the 64-bit key (5 x 12 = 60 bits)
+NGRAM_ZIPF = 1.1
+# (shards, chunk_tokens): `slm ngram`'s default, and 4 hash shards with 2^22-token chunks, which
+# shrink the per-chunk work arrays as well as the tables (docs/ngram.md)
+NGRAM_SHARDINGS = ((1, 1 << 24), (4, 1 << 22))
+
+
+def _ngram_streams(n_tokens: int) -> dict[str, dict[str, Any]]:
+    """The two token streams of ngram_build as uint16 .bin files in .cache/ngram/ (V = 4096):
+    real text (the shared corpora + stdlib source, one BPE) and i.i.d. Zipf(1.1) ids."""
+    import numpy as np
+
+    from slm_cli.data.prepare import prepare
+
+    out_dir = CACHE_DIR / "ngram"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = f"paths.data_dir={CACHE_DIR / 'data'}"
+    shared = WIKITEXT2_VALID.parent.parent  # ../shared/data: wikitext-2/{valid,test}.txt, tinyshakespeare/input.txt
+    parts, sources = [], []
+    if shared.is_dir() and any(shared.glob("*/*.txt")):
+        cfg = compose_train([data_dir, "data=text", f"data.path={shared}/*/*.txt", "data.name=shared-text-bpe4096",
+                             f"data.vocab_size={NGRAM_VOCAB}"])
+        text = prepare(cfg.data, cfg.paths)
+        tokenizer = [f"data.tokenizer={text.tokenizer_path}"]
+        parts += [text.tokens("train"), text.tokens("val")]
+        sources.append(f"{', '.join(sorted(str(p.relative_to(shared)) for p in shared.glob('*/*.txt')))} "
+                       f"({text.meta['train_tokens'] + text.meta['val_tokens']:,} tokens)")
+    else:
+        tokenizer = [f"data.vocab_size={NGRAM_VOCAB}"]  # no shared copy: a BPE trained on the stdlib text
+    cfg = compose_train([data_dir, "data=stdlib", "data.name=stdlib-bpe4096", *tokenizer])  # all of it: ~25 MB
+    code = prepare(cfg.data, cfg.paths)
+    if code.vocab_size != NGRAM_VOCAB:
+        raise RuntimeError(f"{code.dir}: vocabulary {code.vocab_size}, expected {NGRAM_VOCAB}")
+    parts += [code.tokens("train"), code.tokens("val")]
+    sources.append(f"the stdlib source ({code.meta['train_tokens'] + code.meta['val_tokens']:,} tokens)")
+    real = np.concatenate([np.asarray(p, dtype=np.uint16) for p in parts])
+    distinct = len(real)
+    tiles = math.ceil(n_tokens / distinct)
+    real = np.tile(real, tiles)[:n_tokens] if tiles > 1 else real[:n_tokens]
+
+    rng = np.random.default_rng(0)
+    weights = 1.0 / np.arange(1, NGRAM_VOCAB + 1, dtype=np.float64) ** NGRAM_ZIPF
+    ranks = rng.choice(NGRAM_VOCAB, size=n_tokens, p=weights / weights.sum())
+    zipf = rng.permutation(NGRAM_VOCAB).astype(np.uint16)[ranks]  # rank -> a random id
+
+    streams = {}
+    for label, tokens, desc in (
+        ("real", real, " + ".join(sources) + f" = {distinct:,} tokens" + (
+            f", TILED to {n_tokens:,} (its first {n_tokens - distinct:,} tokens repeat: more repeated n-grams "
+            "than real text of that length)" if tiles > 1 else f", the first {n_tokens:,} used (not tiled)")),
+        ("zipf", zipf, f"i.i.d. Zipf({NGRAM_ZIPF}) ids over V={NGRAM_VOCAB} (seed 0), not tiled"),
+    ):
+        path = out_dir / f"{label}-{n_tokens}.bin"
+        tmp = path.with_suffix(".tmp")
+        tokens.astype(np.uint16).tofile(tmp)
+        os.replace(tmp, path)
+        streams[label] = {"path": str(path), "tokens": n_tokens, "source": desc,
+                          "distinct_tokens": distinct if label == "real" else n_tokens}
+    return streams
+
+
+def _vm_mib(field: str) -> float:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _ngram_build_child(path: str, n: int, r: int, shards: int, chunk_tokens: int, trace: bool) -> dict[str, Any]:
+    """`build_ngram` over a memmapped stream into memmapped outputs (as `slm ngram` does), in this
+    fresh process: timed, with the peak RSS over the build; then, with ``trace``, once more under
+    tracemalloc (numpy reports its array allocations to it) for the peak of the heap arrays, with
+    a digest of the outputs. The RSS peak is reset right before each build (/proc/self/clear_refs),
+    as ru_maxrss would start from the parent's peak, which a child inherits across fork."""
+    import hashlib
+    import tracemalloc
+
+    import numpy as np
+
+    from slm_cli.ngram.build import build_ngram, id_dtype
+
+    tokens = np.memmap(path, dtype=np.uint16, mode="r")
+    int(tokens.sum(dtype=np.uint64))  # page the stream in before the baseline: it is the input, not the build
+    out = CACHE_DIR / "ngram" / f"out-{os.getpid()}"
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {}
+    try:
+        for traced in (False, True) if trace else (False,):
+            ids = np.lib.format.open_memmap(out / "ids.npy", mode="w+", dtype=id_dtype(NGRAM_VOCAB),
+                                            shape=(len(tokens), r))
+            probs = np.lib.format.open_memmap(out / "probs.npy", mode="w+", dtype=np.float32, shape=(len(tokens), r))
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            baseline = _vm_mib("VmRSS")
+            if traced:
+                tracemalloc.start()
+            t0 = time.perf_counter()
+            _, _, stats = build_ngram(tokens, NGRAM_VOCAB, n, r, chunk_tokens=chunk_tokens, shards=shards,
+                                      out=(ids, probs))
+            seconds = time.perf_counter() - t0
+            if traced:
+                result["traced_peak_bytes"] = tracemalloc.get_traced_memory()[1]
+                result["traced_seconds"] = seconds
+                tracemalloc.stop()
+                result["digest"] = hashlib.sha256(np.ascontiguousarray(ids).data).hexdigest()[:16] + \
+                    hashlib.sha256(np.ascontiguousarray(probs).data).hexdigest()[:16]
+            else:
+                result.update(seconds=seconds, baseline_mib=baseline, peak_mib=_vm_mib("VmHWM"), **stats)
+            del ids, probs
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def trie_build(tokens: list[int], n: int, r: int, vocab_size: int):
+    """A pure-Python port of the authors' count-trie builder (their release is C): the same rows as
+    `build_ngram` (top r next ids by count, ties smaller id first; probability count / context count).
+
+    1. Count: a trie of dict nodes, one level per context token; the node of a context (depth n−1)
+       holds the counts of its next tokens (next id -> count), one walk from the root per position.
+    2. Per position: walk the trie to the context's node and take its top r by scanning every count
+       the node holds (heapq.nlargest over its (next id, count) pairs: a scan of the node's distinct
+       continuations, at most |V|, rather than of a |V|-sized array); the row is computed at a
+       context's first position and cached on the node's id for the later ones (the authors' scan
+       is per context) and copied into the (N, r) outputs.
+    """
+    import heapq
+
+    import numpy as np
+
+    from slm_cli.ngram.build import id_dtype
+
+    m = n - 1
+    root: dict = {}
+    total = len(tokens)
+    for i in range(m, total):
+        node = root
+        for t in tokens[i - m : i - 1]:
+            child = node.get(t)
+            if child is None:
+                child = node[t] = {}
+            node = child
+        last = tokens[i - 1]
+        counts = node.get(last)
+        if counts is None:
+            counts = node[last] = {}
+        x = tokens[i]
+        counts[x] = counts.get(x, 0) + 1
+
+    ids = np.zeros((total, r), dtype=id_dtype(vocab_size))
+    probs = np.zeros((total, r), dtype=np.float32)
+    rows: dict[int, tuple] = {}
+    by_count = lambda kv: (kv[1], -kv[0])  # noqa: E731 - most frequent first, then the smaller id
+    for i in range(m, total):
+        node = root
+        for t in tokens[i - m : i]:
+            node = node[t]
+        row = rows.get(id(node))
+        if row is None:
+            context_count = sum(node.values())
+            top = heapq.nlargest(r, node.items(), key=by_count)
+            row_ids, row_probs = np.zeros(r, ids.dtype), np.zeros(r, np.float32)
+            row_ids[: len(top)] = [v for v, _ in top]
+            row_probs[: len(top)] = [c / context_count for _, c in top]  # float64 division, then float32
+            row = rows[id(node)] = (row_ids, row_probs)
+        ids[i] = row[0]
+        probs[i] = row[1]
+    return ids, probs
+
+
+def _ngram_trie_child(path: str, prefix: int, n: int, r: int, repeats: int) -> dict[str, Any]:
+    """slm's build and the count trie on the first ``prefix`` tokens of a stream: rates and equality."""
+    import numpy as np
+
+    from slm_cli.ngram.build import build_ngram
+
+    tokens = np.array(np.memmap(path, dtype=np.uint16, mode="r")[:prefix])
+    slm_s = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ids, probs, stats = build_ngram(tokens, NGRAM_VOCAB, n, r)
+        slm_s.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    t_ids, t_probs = trie_build(tokens.tolist(), n, r, NGRAM_VOCAB)  # the list conversion is timed too
+    trie_s = time.perf_counter() - t0
+    return {"slm_seconds": slm_s, "trie_seconds": trie_s, **stats,
+            "ids_equal": bool(np.array_equal(ids, t_ids)), "probs_equal": bool(np.array_equal(probs, t_probs)),
+            "mismatched_rows": int(((ids != t_ids) | (probs != t_probs)).any(axis=1).sum())}
+
+
+def _run_child(name: str, **kwargs: Any) -> dict[str, Any]:
+    import subprocess
+
+    out = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", name, json.dumps(kwargs)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@benchmark("ngram_build", "`slm ngram` build throughput and memory (n = 3, 4, 5) vs a count-trie builder")
+def ngram_build(quick: bool) -> dict[str, Any]:
+    p = NGRAM_QUICK if quick else NGRAM_FULL
+    r, total = p["r"], p["tokens"]
+    t0 = time.perf_counter()
+    streams = _ngram_streams(total)
+    print(f"streams ({total:,} tokens each, V={NGRAM_VOCAB}, uint16 memmaps; {time.perf_counter() - t0:.0f}s):")
+    for label, s in streams.items():
+        print(f"  {label}: {s['source']}")
+    configs = [(label, n, shards, chunk) for label in streams for n in p["ns"] for shards, chunk in NGRAM_SHARDINGS]
+    print(f"{len(configs)} configurations x {p['rounds']} timed rounds (configurations alternate: forward, then "
+          f"reversed), each build in a fresh process (round 1's also run the traced build); r={r}, float32")
+
+    timed: dict[tuple, list[dict]] = {c: [] for c in configs}
+    for rnd in range(p["rounds"]):
+        t0 = time.perf_counter()
+        for c in configs if rnd % 2 == 0 else configs[::-1]:
+            label, n, shards, chunk = c
+            # The first round's processes also run the traced build (after the timed one).
+            timed[c].append(_run_child("ngram_build", path=streams[label]["path"], n=n, r=r, shards=shards,
+                                       chunk_tokens=chunk, trace=rnd == 0))
+        print(f"  round {rnd + 1}: {time.perf_counter() - t0:.0f}s", flush=True)
+    traced = {c: timed[c][0] for c in configs}
+
+    rows, figures = [], []
+    for c in configs:
+        label, n, shards, chunk = c
+        secs = [t["seconds"] for t in timed[c]]
+        med = statistics.median(secs)
+        rss = max(t["peak_mib"] - t["baseline_mib"] for t in timed[c]) * 2**20 / total
+        heap = traced[c]["traced_peak_bytes"] / total
+        same = traced[c]["digest"] == traced[(label, n, *NGRAM_SHARDINGS[0])]["digest"]
+        if not same:
+            raise AssertionError(f"{label} n={n}: shards={shards} wrote other arrays than shards=1")
+        goal = f">= 2M {'met' if total / med >= 2e6 else 'NOT met'}" if n <= 4 else ""
+        rows.append([label, n, f"{shards} (chunk 2^{chunk.bit_length() - 1})", f"{traced[c]['contexts']:,}",
+                     f"{traced[c]['ngrams']:,}", f"{med:.2f}", " ".join(f"{s:.2f}" for s in secs),
+                     f"{total / med / 1e6:.2f}M", goal, f"{heap:.0f}", f"{rss:.0f}"])
+        figures.append({"stream": label, "n": n, "r": r, "shards": shards, "chunk_tokens": chunk, "tokens": total,
+                        "contexts": traced[c]["contexts"], "ngrams": traced[c]["ngrams"], "seconds": secs,
+                        "seconds_median": med, "tokens_per_s": total / med,
+                        "heap_peak_bytes_per_token": heap, "rss_increase_bytes_per_token": rss,
+                        "same_arrays_as_shards1": same})
+    print()
+    print(table(["stream", "n", "shards", "contexts", "distinct n-grams", "s (median)", "s per round", "tokens/s",
+                 "goal (n <= 4)", "heap B/token", "RSS B/token"], rows))
+    print(f"\nheap B/token: tracemalloc peak over the build (numpy reports its array allocations to it; memmaps "
+          f"are not allocations) / tokens, from a second, traced build. RSS B/token: the largest over rounds of "
+          f"peak RSS during the build (VmHWM, reset before it) - RSS before it, / tokens, with the input already "
+          f"paged in; it includes the output memmaps' pages (up to {r * 6} B/token at r={r}: uint16 ids + float32 "
+          f"probs), which the kernel can write back and evict. shards=4 wrote byte-identical arrays to shards=1 "
+          f"(sha256 checked)")
+
+    # Same prefix, same process: slm's build vs the count trie, n=4.
+    n, prefix = 4, p["prefix"]
+    trie_rows, trie_figures = [], {}
+    full_rate = {label: next(f["tokens_per_s"] for f in figures if f["stream"] == label and f["n"] == n
+                             and f["shards"] == 1) for label in streams}
+    for label, s in streams.items():
+        t0 = time.perf_counter()
+        res = _run_child("ngram_trie", path=s["path"], prefix=prefix, n=n, r=r, repeats=3)
+        if not (res["ids_equal"] and res["probs_equal"]):
+            raise AssertionError(f"{label}: the count trie and build_ngram disagree on {res['mismatched_rows']} "
+                                 f"of {prefix:,} rows")
+        slm_rate = prefix / statistics.median(res["slm_seconds"])
+        trie_rate = prefix / res["trie_seconds"]
+        ratio = slm_rate / trie_rate
+        trie_rows.append([label, f"{prefix:,}", f"{res['contexts']:,}", f"{trie_rate:,.0f}", f"{slm_rate:,.0f}",
+                          f"{ratio:.0f}x", f">= 50x {'met' if ratio >= 50 else 'NOT met'}",
+                          f"{full_rate[label]:,.0f}", "yes"])
+        trie_figures[label] = {"prefix_tokens": prefix, "n": n, "r": r, "contexts": res["contexts"],
+                               "trie_seconds": res["trie_seconds"], "slm_seconds": res["slm_seconds"],
+                               "trie_tokens_per_s": trie_rate, "slm_tokens_per_s": slm_rate, "ratio": ratio,
+                               "slm_tokens_per_s_full": full_rate[label], "identical": True,
+                               "wall_s": time.perf_counter() - t0}
+    print(f"\ncount trie (pure Python port of the authors' design) vs slm's build, n={n}, r={r}, on the first "
+          f"{prefix:,} tokens of each stream, in one fresh process; slm: median of 3 builds (in-memory outputs)")
+    print(table(["stream", "prefix tokens", "contexts", "trie tokens/s", "slm tokens/s", "slm / trie", "goal",
+                 f"slm tokens/s on {total / 1e6:.0f}M", "identical ids+probs"], trie_rows))
+    return {"quick": quick, "tokens": total, "vocab_size": NGRAM_VOCAB, "r": r, "rounds": p["rounds"],
+            "streams": streams, "builds": figures, "trie": trie_figures}
+
+
+# ---- target_step: step time of the n-gram targets (CoCoNTs, AllNTs) relative to CLM's ------------
+TGT_FULL = {"model": "gpt2-micro", "batch_size": 4, "rounds": 3, "steps": 30, "warmup": 3}
+TGT_QUICK = {"model": "gpt2-nano", "batch_size": 8, "rounds": 2, "steps": 8, "warmup": 2}
+TGT_NGRAM = {"n": 4, "r": 8}
+TGT_VARIANTS = [  # (label, overrides, goal for ms/step / CLM's)
+    ("clm", ["target=onehot"], None),
+    ("coconts", ["target=coconts", f"target.n={TGT_NGRAM['n']}", f"target.r={TGT_NGRAM['r']}"], 1.05),
+    ("allnts", ["target=allnts", f"target.n={TGT_NGRAM['n']}"], None),
+]
+
+
+@benchmark("target_step", "step time with target=coconts / allnts vs CLM's (slm train, n-gram targets)")
+def target_step(quick: bool) -> dict[str, Any]:
+    import logging
+
+    import torch
+
+    from slm_cli.data.prepare import prepare
+    from slm_cli.ngram.build import write_ngram
+    from slm_cli.targets.allnts import AllNTs
+
+    p = TGT_QUICK if quick else TGT_FULL
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    corpus, data = corpus_overrides()
+    cfg = compose_train(data)
+    prepared = prepare(cfg.data, cfg.paths)
+    folder, meta = write_ngram(prepared, TGT_NGRAM["n"], TGT_NGRAM["r"], progress=False)  # CoCoNTs' arrays
+    print(f"corpus: {corpus} -> {prepared.dir} ({prepared.meta['train_tokens']:,} train tokens, vocab "
+          f"{prepared.vocab_size}); n-gram arrays {folder.name} ({'cached' if meta.get('skipped') else 'built'}: "
+          f"{meta['contexts']:,} contexts, {meta['ngrams']:,} distinct {TGT_NGRAM['n']}-grams)")
+
+    n_steps = p["warmup"] + p["steps"]
+    base = [
+        *data, f"model={p['model']}", f"data.batch_size={p['batch_size']}", "seed=1337",
+        f"trainer.max_steps={n_steps}", f"trainer.val_check_interval={n_steps}", "trainer.limit_val_batches=1",
+        f"trainer.checkpoint_every_n_steps={10**9}", "trainer.enable_progress_bar=false", "logger=csv",
+    ]
+    mcfg = compose_train(base).model
+    M = p["batch_size"] * mcfg.block_size
+    print(f"model: {p['model']} (L={mcfg.n_layer} H={mcfg.n_head} d={mcfg.n_embd} T={mcfg.block_size}), "
+          f"B={p['batch_size']} -> M={M} tokens/step; torch threads {threads}; {p['rounds']} rounds x "
+          f"{len(TGT_VARIANTS)} variants x {p['steps']} timed steps (+{p['warmup']} warmup), the variants taking "
+          f"turns step by step")
+
+    # AllNTs' K per step: the columns it gathers per token (the batch's widest context) and how many are real.
+    widths: list[tuple[int, float]] = []
+    real_targets = AllNTs.targets
+
+    def counting_targets(self, batch):
+        out = real_targets(self, batch)
+        if out is not None:
+            widths.append((out.ids.shape[1] - 1, float((out.probs[:, 1:] > 0).sum(1).float().mean())))
+        return out
+
+    w = p["warmup"]
+    labels = [label for label, _, _ in TGT_VARIANTS]
+    iters: dict[str, list[float]] = {k: [] for k in labels}
+    round_med: dict[str, list[float]] = {k: [] for k in labels}
+    paired: dict[str, list[float]] = {k: [] for k in labels}
+    orders, k_timed = [], []
+    AllNTs.targets = counting_targets
+    try:
+        for rnd in range(p["rounds"]):
+            order = TGT_VARIANTS if rnd % 2 == 0 else TGT_VARIANTS[::-1]
+            orders.append([label for label, _, _ in order])
+            t0 = time.perf_counter()
+            widths.clear()
+            done = _interleaved_trains([(label, [*base, *o], CACHE_DIR / "runs" / "target_step" / label)
+                                        for label, o, _ in order], threads)
+            k_timed += widths[w:p["warmup"] + p["steps"]]  # the training steps' (validation follows)
+            for label in labels:
+                clock, summary = done[label]
+                shutil.rmtree(Path(summary["checkpoint"]).parent, ignore_errors=True)
+                if clock.threads != threads:
+                    raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
+                if summary["target"] != (label if label != "clm" else "onehot"):
+                    raise RuntimeError(f"{label}: the run trained with target {summary['target']}")
+                timed = clock.iters[w:]
+                iters[label] += timed
+                round_med[label].append(statistics.median(timed))
+                paired[label] += [a / b for a, b in zip(timed, done["clm"][0].iters[w:], strict=True)]
+            print(f"round {rnd + 1} ({time.perf_counter() - t0:.0f}s), order {' -> '.join(orders[-1])}: ms/step "
+                  + ", ".join(f"{k} {round_med[k][-1] * 1e3:.0f}" for k in labels), flush=True)
+    finally:
+        AllNTs.targets = real_targets
+
+    clm_med = statistics.median(iters["clm"])
+    k_mean = statistics.mean(k for k, _ in k_timed)
+    real_mean = statistics.mean(x for _, x in k_timed)
+    columns = {"clm": 1, "coconts": 1 + TGT_NGRAM["r"] + 1, "allnts": 1 + k_mean}
+    rows, figures = [], {}
+    for label, overrides, goal in TGT_VARIANTS:
+        med = statistics.median(iters[label])
+        per_round = [a / b for a, b in zip(round_med[label], round_med["clm"], strict=True)]
+        ratio = statistics.median(paired[label])
+        verdict = "" if goal is None else f"<= {goal:.2f} {'met' if ratio <= goal else 'NOT met'}"
+        rows.append([label, f"{columns[label]:.0f}", f"{med * 1e3:.0f}",
+                     " ".join(f"{x * 1e3:.0f}" for x in round_med[label]), " ".join(f"{x:.3f}" for x in per_round),
+                     f"{ratio:.3f}", f"{med / clm_med:.3f}", verdict])
+        figures[label] = {"overrides": overrides, "target_columns_per_token": columns[label],
+                          "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in round_med[label]],
+                          "ratio": ratio, "ratio_per_round": per_round, "ratio_pooled": med / clm_med, "goal": goal}
+    figures["allnts"] |= {"K_mean": k_mean, "K_min": min(k for k, _ in k_timed), "K_max": max(k for k, _ in k_timed),
+                          "real_continuations_per_token_mean": real_mean}
+    print()
+    print(table(["target", "(id, p) columns/token", "ms/step", "ms/step per round", "ratio per round", "ratio",
+                 "pooled", "goal"], rows))
+    print(f"\nms/step: median of end of batch i-1 -> end of batch i (loader with the gathered n-gram rows, hooks, "
+          f"logging, training_step); ratio = median over the timed steps of step i / CLM's step i of the same "
+          f"cycle; per round = the round's median / CLM's; pooled = median ms/step / CLM's ({clm_med * 1e3:.0f} ms). "
+          f"columns/token: the sparse target's (id, probability) pairs per token (one-hot + soft part); AllNTs "
+          f"gathers K = the batch's widest context: K mean {k_mean:.0f} (min {figures['allnts']['K_min']}, max "
+          f"{figures['allnts']['K_max']}) over its {len(k_timed)} timed steps, of which {real_mean:.1f} per token "
+          f"are real continuations (the rest is padding to K)")
+    return {"quick": quick, "corpus": corpus, "model": p["model"], "n_layer": mcfg.n_layer, "n_head": mcfg.n_head,
+            "n_embd": mcfg.n_embd, "block_size": mcfg.block_size, "batch_size": p["batch_size"],
+            "vocab_size": prepared.vocab_size, "tokens_per_step": M, "ngram": {**TGT_NGRAM, "folder": str(folder)},
+            "rounds": p["rounds"], "timed_steps_per_round": p["steps"], "warmup_steps": w, "orders": orders,
+            "clm_ms_per_step": clm_med * 1e3, "variants": figures}
 
 
 # ---- runner --------------------------------------------------------------------------------------
