@@ -64,7 +64,7 @@ def token_stats(
     weight: Tensor,
     labels: Tensor,
     *,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     entropy: bool = False,
     keep_probs: bool = True,
 ) -> TokenStats:
@@ -193,7 +193,7 @@ def weighted_loss(
     stats: TokenStats,
     *,
     targets: SparseTargets | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> Tensor:
     """Scalar Σ_j w_j·CE(y_j, p_j), differentiable w.r.t. ``hidden`` and ``weight``.
 

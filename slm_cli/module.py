@@ -49,7 +49,7 @@ class SLMModule(L.LightningModule):
         target: Target | None = None,
         max_steps: int,
         accumulate_grad_batches: int = 1,
-        chunk_size: int = 4096,
+        chunk_size: int = 1024,
         keep_probs: bool = True,
         tokenizer_json: str = "",
         run_config: dict | None = None,
