@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from slm_cli.data.aligned import check_same_corpus, load_array
 from slm_cli.data.tokenizer import RUN_DIR_CHECKPOINT, load_tokenizer, tokenizer_sha256
 from slm_cli.errors import SlmError
 from slm_cli.outputs import load_checkpoint, write_json
@@ -357,24 +358,12 @@ def load_scores(prepared: PreparedData, path: str | None = None, name: str | Non
         raise SlmError(f"corrupt {meta_path} ({str(e).splitlines()[0]}): delete {folder} and run `slm score` "
                        "again") from None
     again = f"run `slm score data=<same data> ckpt_path={meta['reference']}` again"
-    if meta["fingerprint"] != prepared.meta["fingerprint"]:
-        raise SlmError(f"reference losses in {folder} were computed for another version of the corpus than "
-                       f"{prepared.dir} (fingerprint {meta['fingerprint'][:8]} != {prepared.meta['fingerprint'][:8]}): "
-                       f"{again}")
-    if meta["tokenizer_sha256"] != prepared.meta["tokenizer_sha256"]:
-        raise SlmError(f"reference losses in {folder} were computed with another tokenizer than {prepared.dir}'s: "
-                       f"{again}, and train with data.tokenizer={meta['reference']}")
+    check_same_corpus(meta, prepared, f"reference losses in {folder} were computed", again,
+                      tokenizer_fix=f", and train with data.tokenizer={meta['reference']}")
     n = int(prepared.meta["train_tokens"])
     arrays = {}
     for key, file in SCORE_FILES.items():
-        try:
-            array = np.load(folder / file, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise SlmError(f"cannot read {folder / file} ({str(e).splitlines()[0]}): {again}") from None
-        if array.shape != (n,) or meta["train_tokens"] != n or array.dtype != np.float32:
-            raise SlmError(f"{folder / file} holds {array.shape[0] if array.ndim else 0:,} {array.dtype} values "
-                           f"(meta.json: {meta['train_tokens']:,}) but {prepared.dir} has {n:,} train tokens: "
-                           f"{again}")
+        array = load_array(folder / file, (n,), np.dtype(np.float32), again, meta["train_tokens"])
         arrays[key] = array
     return arrays
 

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from slm_cli.data.aligned import check_same_corpus, load_array
 from slm_cli.errors import SlmError
 from slm_cli.outputs import write_json
 
@@ -324,23 +325,12 @@ def load_ngram(prepared: PreparedData, n: int, r: int, path: str | os.PathLike |
     if meta["format_version"] != FORMAT_VERSION or (meta["n"], meta["r"]) != (n, r):
         raise SlmError(f"{folder} holds format {meta['format_version']} n={meta['n']} r={meta['r']} arrays, not "
                        f"format {FORMAT_VERSION} n={n} r={r}: {again}")
-    if meta["fingerprint"] != prepared.meta["fingerprint"]:
-        raise SlmError(f"n-gram arrays in {folder} were counted on another version of the corpus than "
-                       f"{prepared.dir} (fingerprint {meta['fingerprint'][:8]} != {prepared.meta['fingerprint'][:8]}): "
-                       f"{again}")
-    if meta["tokenizer_sha256"] != prepared.meta["tokenizer_sha256"]:
-        raise SlmError(f"n-gram arrays in {folder} were counted with another tokenizer than {prepared.dir}'s: {again}")
+    check_same_corpus(meta, prepared, f"n-gram arrays in {folder} were counted", again)
     total = int(prepared.meta["train_tokens"])
     expected = {"ngram_ids": id_dtype(prepared.vocab_size), "ngram_probs": np.dtype(meta["dtype"])}
     arrays = {}
     for key, file in NGRAM_FILES.items():
-        try:
-            array = np.load(folder / file, mmap_mode="r")
-        except (OSError, ValueError) as e:
-            raise SlmError(f"cannot read {folder / file} ({str(e).splitlines()[0]}): {again}") from None
-        if array.shape != (total, r) or meta["train_tokens"] != total or array.dtype != expected[key]:
-            raise SlmError(f"{folder / file} holds {array.dtype} {array.shape} (meta.json: {meta['train_tokens']:,} "
-                           f"tokens) but {prepared.dir} needs {expected[key]} ({total:,}, {r}): {again}")
+        array = load_array(folder / file, (total, r), expected[key], again, meta["train_tokens"])
         arrays[key] = array
     return arrays
 
