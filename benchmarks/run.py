@@ -623,8 +623,8 @@ def selection_step(quick: bool) -> dict[str, Any]:
 
 
 # ---- loss_memory: peak memory of slm's loss path vs naive full logits ----------------------------
-MEM_FULL = {"m": 8192, "d": 256, "v": 50304, "chunk_size": 4096}
-MEM_QUICK = {"m": 2048, "d": 256, "v": 50304, "chunk_size": 4096}
+MEM_FULL = {"m": 8192, "d": 256, "v": 50304, "chunk_size": 1024}
+MEM_QUICK = {"m": 2048, "d": 256, "v": 50304, "chunk_size": 1024}
 MEM_VARIANTS = [  # (label, loss path, keep ratio)
     ("naive F.cross_entropy(hidden @ W.T)", "naive", 1.0),
     ("slm store, CLM", "store", 1.0),
