@@ -72,6 +72,19 @@ def machine() -> dict[str, Any]:
             "torch": torch.__version__, "lightning": lightning.__version__, "python": platform.python_version()}
 
 
+def timing_setup() -> int:
+    """Every core for torch, and Lightning's per-run info lines silenced, for step-time benchmarks;
+    returns the thread count."""
+    import logging
+
+    import torch
+
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    return threads
+
+
 def table(headers: list[str], rows: list[list[Any]]) -> str:
     """A plain-text table (also valid as a Markdown table body when pasted into the docs)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
@@ -518,17 +531,13 @@ def _reference(data: list[str], prepared, threads: int) -> Path:
 
 @benchmark("selection_step", "step time of each selection strategy / CLM's (slm train, GPT-2 vocabulary)")
 def selection_step(quick: bool) -> dict[str, Any]:
-    import logging
 
-    import torch
 
     from slm_cli.data.prepare import prepare
     from slm_cli.selection.base import keep_count
 
     p = SEL_QUICK if quick else SEL_FULL
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    threads = timing_setup()
     corpus, data = corpus_overrides()
     prepared = prepare(compose_train(data).data, compose_train(data).paths)
     ref_ckpt = _reference(data, prepared, threads)
@@ -1021,18 +1030,14 @@ TGT_VARIANTS = [  # (label, overrides, goal for ms/step / CLM's)
 
 @benchmark("target_step", "step time with target=coconts / allnts vs CLM's (slm train, n-gram targets)")
 def target_step(quick: bool) -> dict[str, Any]:
-    import logging
 
-    import torch
 
     from slm_cli.data.prepare import prepare
     from slm_cli.ngram.build import write_ngram
     from slm_cli.targets.allnts import AllNTs
 
     p = TGT_QUICK if quick else TGT_FULL
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    threads = timing_setup()
     corpus, data = corpus_overrides()
     cfg = compose_train(data)
     prepared = prepare(cfg.data, cfg.paths)
