@@ -79,9 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Let every exception reach us instead of Hydra's multi-line report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    import slm_cli.commands
     from slm_cli.errors import JobFailed
 
     module = importlib.import_module(f"slm_cli.commands.{COMMANDS[command][0]}")
+    slm_cli.commands.PROGRAM = sys.argv[0]
     sys.argv = [f"slm {command}", *rest]
     try:
         try:

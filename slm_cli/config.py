@@ -14,6 +14,8 @@ from omegaconf import DictConfig
 
 from slm_cli.errors import SlmError
 
+SCOPES = ("global", "local")  # selection.scope: see slm_cli/module.py
+
 
 def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
     if not ok:
@@ -83,10 +85,25 @@ def check_optim(optim: DictConfig) -> None:
            "must be two numbers in [0, 1)", "e.g. optim.betas=[0.9,0.95]")
 
 
+GPU_ACCELERATORS = ("gpu", "cuda")
+GPU_PRECISIONS = ("16-mixed", "16-true", "16", "bf16-true")  # Lightning has no CPU path for these
+
+
 def check_trainer(trainer: DictConfig) -> None:
     for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "limit_val_batches",
                 "log_every_n_steps", "checkpoint_every_n_steps", "devices", "num_nodes"):
         positive_int(trainer, "trainer", key, f"pass a positive integer for trainer.{key}")
+    _check(isinstance(trainer.compile, bool), "trainer.compile", trainer.compile, "must be true or false",
+           "e.g. trainer.compile=true")
+    import torch
+
+    if trainer.accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
+        raise SlmError(f"trainer.accelerator={trainer.accelerator} but this machine has no CUDA GPU (torch "
+                       f"{torch.__version__}): use trainer=cpu, or add trainer.accelerator=cpu "
+                       "trainer.precision=32-true to trainer=ddp or trainer=fsdp")
+    on_cpu = trainer.accelerator == "cpu" or (trainer.accelerator == "auto" and not torch.cuda.is_available())
+    _check(not (on_cpu and str(trainer.precision) in GPU_PRECISIONS), "trainer.precision", trainer.precision,
+           "needs a GPU", "on a CPU use trainer.precision=32-true (or bf16-mixed)")
 
 
 def check_loss(loss: DictConfig) -> None:
@@ -101,3 +118,5 @@ def check_train(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_loss(cfg.loss)
     _check(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer", "e.g. seed=1337")
+    _check(cfg.selection.scope in SCOPES, "selection.scope", cfg.selection.scope, "is not known",
+           f"use one of {', '.join(SCOPES)}")

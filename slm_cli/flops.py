@@ -55,6 +55,7 @@ def step_flops(
     *,
     keep_probs: bool = True,
     extra_forward: float = 0.0,
+    scoring_pass: bool = False,
 ) -> StepFlops:
     """FLOPs of one step over ``tokens`` tokens of which ``selected`` carry loss weight.
 
@@ -63,6 +64,11 @@ def step_flops(
     :func:`slm_cli.loss.token_stats`: head backward costs 2 head-forwards per selected row when
     the softmax is kept, 3 when the logits are recomputed. With every token selected and
     ``keep_probs``, realized equals clm exactly.
+
+    ``scoring_pass``: the step ran the model forward once more, without gradients, to score the
+    whole global batch before selecting (selection.scope=global with gradient accumulation,
+    slm_cli/module.py). That is a cost of executing on split batches, not of the method, so it
+    counts in realized only.
     """
     F = flops_per_token(cfg)
     head = head_flops_per_token(cfg)
@@ -72,7 +78,8 @@ def step_flops(
         realized=tokens * (F - 3 * head)  # trunk forward + backward, dense
         + tokens * head  # head forward (token_stats), dense
         + selected * head_backward * head  # head backward on the selected rows
-        + extra_forward,
+        + extra_forward
+        + (tokens * F / 3 if scoring_pass else 0.0),
         clm=float(tokens * F),
     )
 

@@ -3,7 +3,18 @@
 One optimizer step per batch: the batch holds `accumulate_grad_batches` micro-batches of
 `data.batch_size` windows, and training_step runs them itself (manual optimization). Doing the
 accumulation here, rather than in Lightning, keeps every micro-batch of a step in one place, which
-is where a selection over the whole step (selection.scope=global) belongs.
+is where a selection over the whole step belongs.
+
+selection.scope (docs/scaling.md):
+
+- ``global`` (default): one selection over the global batch, every micro-batch on every device,
+  from features gathered across devices; each selected token weighs world_size / |S| with |S|
+  counted over the global batch (DDP and FSDP average gradients over devices), so the update is
+  the one a single device computes on the whole batch. With one micro-batch per step the
+  features are gathered inside the forward; with several, a forward without gradients scores
+  them all first (:meth:`SLMModule._score`).
+- ``local``: each micro-batch selects on its own and is a mean over its own selection; the step
+  averages micro-batches and devices. No extra pass and no gathering (except for adaptive state).
 """
 
 from __future__ import annotations
@@ -18,11 +29,11 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from slm_cli import flops, optim
+from slm_cli import flops, optim, parallel
 from slm_cli.errors import SlmError
-from slm_cli.loss import TokenStats, token_stats, weighted_loss
+from slm_cli.loss import token_stats, weighted_loss
 from slm_cli.model.gpt import GPT, GPTConfig
-from slm_cli.selection.base import Selected, Selection
+from slm_cli.selection.base import Selection
 from slm_cli.targets.base import Target
 from slm_cli.targets.onehot import OneHot
 
@@ -31,12 +42,23 @@ COUNTERS = ("train_tokens", "selected_tokens", "flops_nominal", "flops_realized"
 
 
 @dataclass
-class StepOutput:
-    """What the LM head returns for one micro-batch (inside the model's forward)."""
+class MicroOutput:
+    """What the LM head reports for one micro-batch, beside its differentiable loss."""
 
-    loss: Tensor  # differentiable: sum_j w_j * CE_j with w = mask / |S|
-    stats: TokenStats
-    selected: Selected
+    token_loss: Tensor  # (M,) per-token CE, detached (logged as train/loss_all)
+    selected: Tensor  # () number of this micro-batch's tokens with nonzero weight
+    features: dict[str, Tensor]  # the strategy's features: this micro-batch's (local scope) or the global batch's
+    metrics: dict[str, float]
+
+
+@dataclass
+class StepSelection:
+    """A selection made over the whole global batch, before the micro-batches' backward passes."""
+
+    masks: list[Tensor]  # this device's mask of each micro-batch
+    scale: float  # weight of a selected token: world_size / |S| (DDP and FSDP average over devices)
+    features: dict[str, Tensor]  # the global batch's features, for Selection.update
+    metrics: dict[str, float]
 
 
 class SLMModule(L.LightningModule):
@@ -47,10 +69,12 @@ class SLMModule(L.LightningModule):
         selection: Selection,
         *,
         target: Target | None = None,
+        scope: str = "global",
         max_steps: int,
         accumulate_grad_batches: int = 1,
         chunk_size: int = 1024,
         keep_probs: bool = True,
+        compile: bool = False,
         tokenizer_json: str = "",
         run_config: dict | None = None,
     ) -> None:
@@ -61,10 +85,12 @@ class SLMModule(L.LightningModule):
         self.optim_cfg = optim_cfg
         self.selection = selection
         self.target = target or OneHot()
+        self.scope = scope
         self.max_steps = max_steps
         self.accumulate = accumulate_grad_batches
         self.chunk_size = chunk_size
         self.keep_probs = keep_probs
+        self.compile = compile
         self.tokenizer_json = tokenizer_json
         self.run_config = run_config or {}
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
@@ -74,25 +100,91 @@ class SLMModule(L.LightningModule):
         self.val_loss: float | None = None
         self.val_step: int | None = None  # global step of the latest validation
         self._val_sums: list[Tensor] = []
+        self._configured = False
+
+    def configure_model(self) -> None:
+        """Parallelism and compilation, applied once the devices exist (Lightning calls this in
+        every fit/validate; the model must be wrapped only once)."""
+        if self._configured:
+            return
+        self._configured = True
+        if self.device_mesh is not None:  # trainer=fsdp (ModelParallelStrategy)
+            bf16 = str(self.trainer.precision).startswith("bf16")
+            parallel.shard(self.model, self.device_mesh, mixed_precision=torch.bfloat16 if bf16 else None)
+        if self.compile:
+            parallel.compile_blocks(self.model)
 
     # ---- training -------------------------------------------------------------------------
-    def _head(self, labels: Tensor, batch: dict[str, Tensor]):
-        """The loss as a head callable: GPT.forward hands it the final hidden states and the tied
-        LM-head weight, so no B×T×V logits tensor is built outside the chunked loss."""
+    def _gather(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Features of every device, concatenated in rank order: rank r holds rows [r·b, (r+1)·b)
+        of the global batch (StepSampler), so this is the global batch's order, as on one device."""
+        if self.trainer.world_size == 1:
+            return features
+        return {k: self.all_gather(v.contiguous()).reshape(-1) for k, v in features.items()}
 
-        def head(hidden: Tensor, weight: Tensor) -> StepOutput:
+    def _select_global(self, features: list[dict[str, Tensor]]) -> StepSelection:
+        """One selection over the features of this device's micro-batches and every other device's."""
+        local = {k: torch.cat([f[k] for f in features]) for k in features[0]}
+        everyone = self._gather(local)
+        selected = self.selection.select(everyone)
+        rank, m = self.trainer.global_rank, local["loss"].numel()
+        mine = selected.mask[rank * m : (rank + 1) * m]
+        count = int(selected.mask.sum())
+        return StepSelection(masks=list(mine.split([f["loss"].numel() for f in features])),
+                             scale=self.trainer.world_size / max(count, 1), features=everyone,
+                             metrics=selected.metrics)
+
+    def _head(self, labels: Tensor, batch: dict[str, Tensor], planned: StepSelection | None, index: int):
+        """The loss as a head callable: GPT.forward hands it the final hidden states and the tied
+        LM-head weight, so no B×T×V logits tensor is built outside the chunked loss.
+
+        The selection comes from ``planned`` (made over the global batch before this pass), or is
+        made here: over every device's copy of this micro-batch (scope=global, one micro-batch per
+        step), or over this micro-batch alone (scope=local).
+        """
+
+        def head(hidden: Tensor, weight: Tensor) -> tuple[Tensor, MicroOutput]:
             h = hidden.reshape(-1, hidden.shape[-1])
             y = labels.reshape(-1)
             stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
                                 entropy=self.selection.needs_entropy, keep_probs=self.keep_probs)
-            selected = self.selection.select(stats, batch)
-            n = selected.mask.sum()
-            weights = selected.mask.to(torch.float32) / n.clamp_min(1)
+            features: dict[str, Tensor] = {}
+            if planned is None:
+                features = self.selection.features(stats, batch)
+            plan = planned
+            if plan is None and self.scope == "global":
+                plan = self._select_global([features])
+            if plan is not None:
+                mask, scale, metrics = plan.masks[index], plan.scale, plan.metrics
+            else:  # local: a mean over this micro-batch's selection; the step averages micro-batches
+                selected = self.selection.select(features)
+                mask, metrics = selected.mask, selected.metrics
+                scale = 1.0 / (max(int(mask.sum()), 1) * self.accumulate)
+            weights = mask.to(torch.float32) * scale
             loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
                                  chunk_size=self.chunk_size)
-            return StepOutput(loss=loss, stats=stats, selected=selected)
+            # A tuple, not a dataclass, so that FSDP2 finds the loss tensor in the output and hooks
+            # its backward (it looks through tuples, not through arbitrary objects).
+            return loss, MicroOutput(token_loss=stats.loss, selected=mask.sum(),
+                                     features=features if plan is None else plan.features, metrics=metrics)
 
         return head
+
+    def _score(self, micro: list[dict[str, Tensor]]) -> StepSelection:
+        """scope=global with several micro-batches: a forward pass without gradients over every
+        micro-batch gives the features, so that one selection can see the whole global batch
+        before any backward. It costs one extra forward per step (counted in realised FLOPs);
+        keeping every micro-batch's graph instead would cost accumulate_grad_batches × the
+        activation memory, which is what accumulation exists to avoid."""
+
+        def head(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+            stats = token_stats(hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1),
+                                chunk_size=self.chunk_size, entropy=self.selection.needs_entropy, keep_probs=False)
+            return self.selection.features(stats, batch)
+
+        with torch.no_grad():
+            features = [self.model(mb["input_ids"], head=lambda h, w, mb=mb: head(h, w, mb)) for mb in micro]
+        return self._select_global(features)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         t0 = time.perf_counter()
@@ -100,35 +192,48 @@ class SLMModule(L.LightningModule):
         sched = self.lr_schedulers()
         micro = [dict(zip(batch, parts, strict=True))
                  for parts in zip(*(v.chunk(self.accumulate) for v in batch.values()), strict=True)]
+        rescored = self.scope == "global" and len(micro) > 1
+        planned = self._score(micro) if rescored else None
         loss_sum = torch.zeros((), device=self.device)
         loss_all_sum = torch.zeros((), device=self.device)
         n_tokens = torch.zeros((), device=self.device)
         n_selected = torch.zeros((), device=self.device)
-        sel_metrics: dict[str, float] = {}
-        for mb in micro:
-            out: StepOutput = self.model(mb["input_ids"], head=self._head(mb["labels"], mb))
-            if not torch.isfinite(out.loss):
-                raise SlmError(self._diverged(f"training loss became {out.loss.item()}"))
-            # Each micro-batch is a mean over its own selected tokens; the step averages them.
-            self.manual_backward(out.loss / self.accumulate)
-            loss_sum += out.loss.detach()
-            loss_all_sum += out.stats.loss.sum()
-            n_tokens += out.stats.loss.numel()
-            n_selected += out.selected.mask.sum()
-            sel_metrics = out.selected.metrics
+        local_features: list[dict[str, Tensor]] = []
+        out: MicroOutput | None = None
+        for k, mb in enumerate(micro):
+            with parallel.gradient_sync(self.trainer, self.model, enabled=k == len(micro) - 1):
+                loss, out = self.model(mb["input_ids"], head=self._head(mb["labels"], mb, planned, k))
+                self.manual_backward(loss)
+            loss_sum += loss.detach()
+            loss_all_sum += out.token_loss.sum()
+            n_tokens += out.token_loss.numel()
+            n_selected += out.selected
+            local_features.append(out.features)
+        assert out is not None
+        sel_metrics = dict(out.metrics)
+        # Adaptive state (Ada-ESLM's α) follows the whole global batch, the same on every device.
+        if self.scope == "global":
+            step_features = out.features  # the global batch's, gathered for the selection
+        else:
+            step_features = self._gather({k: torch.cat([f[k] for f in local_features]) for k in local_features[0]})
+        sel_metrics.update(self.selection.update(step_features))
         grad_norm = optim.clip(list(self.model.parameters()), self.optim_cfg.grad_clip)
-        if not torch.isfinite(grad_norm):  # stop before the update, so checkpoints stay finite
-            raise SlmError(self._diverged(f"gradient norm became {grad_norm.item()}"))
+        # One host sync per step: stop before the update, so checkpoints stay finite.
+        if not torch.isfinite(loss_sum + grad_norm):
+            what = (f"training loss became {loss_sum.item()}" if not torch.isfinite(loss_sum)
+                    else f"gradient norm became {grad_norm.item()}")
+            raise SlmError(self._diverged(what))
         opt.step()
         opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
         sched.step()
 
         # Global counts (summed over data-parallel ranks) so counters and FLOPs describe the run.
-        counts = self.trainer.strategy.reduce(torch.stack([n_tokens, n_selected, loss_all_sum]), reduce_op="sum")
+        counts = self.trainer.strategy.reduce(torch.stack([n_tokens, n_selected, loss_all_sum, loss_sum]),
+                                              reduce_op="sum")
         tokens, selected = int(counts[0]), int(counts[1])
         step = flops.step_flops(self.model_config, tokens, selected, keep_probs=self.keep_probs,
-                                extra_forward=self.selection.extra_forward_flops(tokens))
+                                extra_forward=self.selection.extra_forward_flops(tokens), scoring_pass=rescored)
         self.flops_per_batch = step.realized / self.trainer.world_size
         self.counters["train_tokens"] += tokens
         self.counters["selected_tokens"] += selected
@@ -136,7 +241,10 @@ class SLMModule(L.LightningModule):
         self.counters["flops_realized"] += step.realized
         self.counters["flops_clm"] += step.clm
 
-        train_loss = loss_sum / self.accumulate
+        # Each device's loss_sum is its share of the step's loss (global scope: Σ over its selected
+        # tokens × world/|S|; local: its micro-batch means / accumulate): the mean over devices is
+        # the step's loss.
+        train_loss = counts[3] / self.trainer.world_size
         metrics = {
             "train/loss_all": counts[2] / counts[0],
             "train/selected_frac": selected / tokens,
@@ -168,7 +276,10 @@ class SLMModule(L.LightningModule):
             h = hidden.reshape(-1, hidden.shape[-1])
             stats = token_stats(h, weight, batch["labels"].reshape(-1), chunk_size=self.chunk_size,
                                 keep_probs=False)
-            return torch.stack([stats.loss.double().sum(), torch.tensor(float(h.shape[0]), dtype=torch.float64)])
+            # Padding windows (ShardSampler, so every device runs as many batches) weigh 0.
+            w = batch["weight"].double()
+            loss = (stats.loss.double().view(w.shape[0], -1) * w[:, None]).sum()
+            return torch.stack([loss, w.sum() * batch["labels"].shape[1]])
 
         self._val_sums.append(self.model(batch["input_ids"], head=head))
 

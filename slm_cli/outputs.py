@@ -49,10 +49,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
     """Load an slm checkpoint with ``weights_only=True`` (tensors and plain containers only)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SlmError(f"checkpoint {path} does not exist: pass ckpt_path=<run>/checkpoints/last.ckpt")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if path.is_dir():  # a sharded checkpoint (trainer=fsdp): consolidated in memory
+            ckpt = _load_sharded(path)
+        else:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or holds arbitrary objects
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
         raise SlmError(f"checkpoint {path} is corrupt or not an slm checkpoint ({reason}): "
@@ -60,6 +63,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(ckpt, dict) or "slm" not in ckpt or "state_dict" not in ckpt:
         raise SlmError(f"checkpoint {path} was not written by `slm train`: pass a checkpoint from an slm run dir")
     return ckpt
+
+
+def _load_sharded(path: Path) -> dict[str, Any]:
+    """The full checkpoint from a folder of shards written by trainer=fsdp, in one process.
+
+    Lightning's own loader for the format (what `python -m lightning.pytorch.utilities.
+    consolidate_checkpoint` runs); its non-tensor part (meta.pt) is read with weights_only.
+    """
+    from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+
+    if not (path / _METADATA_FILENAME).is_file():
+        raise ValueError(f"no {_METADATA_FILENAME} in the folder")
+    return _load_distributed_checkpoint(path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -29,10 +29,12 @@ from slm_cli.outputs import AtomicCheckpointIO, load_checkpoint, write_json
 from slm_cli.selection.base import Selection
 from slm_cli.targets.base import Target
 
+log = logging.getLogger(__name__)
+
 # Deliberate choices that Lightning warns about: memmap windows need no loader workers, and the
 # loader is infinite (the run ends at trainer.max_steps).
 for _pattern in (".*does not have many workers.*", ".*The number of training batches.*",
-                 ".*`training_step` returns `None`.*", ".*on_validation_epoch_end.*sync_dist.*",
+                 ".*`training_step` returns `None`.*", ".*on_validation_epoch_end.*sync_dist.*", ".*when logging on epoch level in distributed.*",
                  ".*ThroughputMonitor.*", ".*Checkpoint directory .* exists and is not empty.*",
                  # the run dir already holds Hydra's .hydra/ and log when the CSV logger starts
                  ".*Experiment logs directory .* exists and is not empty.*", ".*LeafSpec.*"):
@@ -89,12 +91,21 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
                                   save_last=True, save_top_k=-1)
     throughput = ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
                                    length_fn=lambda b: b["input_ids"].numel())
+    plugins: list[Any] = [AtomicCheckpointIO()]
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    if SLURMEnvironment.detect():
+        # Requeue has one owner: the submitter (submitit for hydra/launcher=slurm, the batch
+        # script for scripts/submit_slurm.sh), never Lightning as well; a requeued job resumes
+        # from its run dir's last.ckpt (resume_path).
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
         precision=t.precision, max_steps=t.max_steps, val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
         logger=loggers, callbacks=[checkpoints, throughput], enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic, use_distributed_sampler=False, plugins=[AtomicCheckpointIO()],
+        deterministic=t.deterministic, use_distributed_sampler=False, plugins=plugins,
         default_root_dir=run_dir, enable_model_summary=False,
     )
 
@@ -111,10 +122,26 @@ def build(component_cfg: DictConfig) -> Any:
         raise
 
 
-def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
+def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """ckpt_path, or else this run dir's own last.ckpt: a run dir that already holds one belongs
+    to a job that was interrupted and restarted (a requeued SLURM job keeps its run dir), so it
+    continues where it stopped. Data order depends on (seed, step) only, so the result is the
+    same as without the interruption."""
+    if cfg.ckpt_path:
+        return str(cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if last.exists():
+        log.info(f"resuming from {last} (this run dir's own checkpoint)")
+        return str(last)
+    return None
+
+
+def setup(
+    cfg: DictConfig, run_dir: Path, ckpt_path: str | None
+) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
     check_train(cfg)
-    resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    resume = load_checkpoint(ckpt_path) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
     for split in ("train", "val"):
@@ -123,16 +150,17 @@ def setup(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, SLMModule, SLMData
             raise SlmError(f"model.block_size={gpt.block_size} needs at least {gpt.block_size + 1} tokens but the "
                            f"{split} split of {prepared.dir} has {n}: lower model.block_size or use a larger corpus")
     if resume is not None:
-        check_resume(resume, gpt, prepared, cfg.ckpt_path)
+        check_resume(resume, gpt, prepared, ckpt_path)
     del resume
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    selection: Selection = build(cfg.selection)
+    # selection.scope belongs to the training loop, not to the strategy (docs/scaling.md).
+    selection: Selection = build(OmegaConf.masked_copy(cfg.selection, [k for k in cfg.selection if k != "scope"]))
     target: Target = build(cfg.target)
     module = SLMModule(
-        gpt, cfg.optim, selection, target=target, max_steps=cfg.trainer.max_steps,
+        gpt, cfg.optim, selection, target=target, scope=cfg.selection.scope, max_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, chunk_size=cfg.loss.chunk_size,
-        keep_probs=cfg.loss.keep_probs, tokenizer_json=prepared.tokenizer_path.read_text(),
+        keep_probs=cfg.loss.keep_probs, compile=cfg.trainer.compile, tokenizer_json=prepared.tokenizer_path.read_text(),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
     datamodule = SLMDataModule(
@@ -153,12 +181,13 @@ def discard_unstarted(run_dir: Path) -> None:
 def train(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resume_path(cfg, run_dir)
     try:
-        trainer, module, datamodule, selection, prepared = setup(cfg, run_dir)
+        trainer, module, datamodule, selection, prepared = setup(cfg, run_dir, ckpt_path)
     except SlmError:
         discard_unstarted(run_dir)
         raise
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if module.val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     last = run_dir / "checkpoints" / "last.ckpt"

@@ -111,7 +111,7 @@ def batch_of(ref_loss: torch.Tensor, ref_entropy: torch.Tensor | None = None) ->
 def test_rho1_keeps_the_top_k_by_score(ratio: float, score: str) -> None:
     g = torch.Generator().manual_seed(0)
     loss, ref_loss, ref_entropy = (torch.rand(60, generator=g) * 8 for _ in range(3))
-    selected = Rho1(ratio=ratio, score=score).select(TokenStats(loss=loss, lse=loss), batch_of(ref_loss, ref_entropy))
+    selected = Rho1(ratio=ratio, score=score).select_step(TokenStats(loss=loss, lse=loss), batch_of(ref_loss, ref_entropy))
     value = {"excess": loss - ref_loss, "reference_loss": -ref_loss, "reference_entropy": -ref_entropy}[score].tolist()
     k = math.ceil(ratio * 60)
     expected = sorted(range(60), key=lambda j: -value[j])[:k]
@@ -197,7 +197,7 @@ def test_excess_loss_selects_clean_tokens() -> None:
             with torch.no_grad():
                 stats = model(batch["input_ids"], head=lambda h, w, y=batch["labels"]: token_stats(
                     h.flatten(0, 1), w, y.flatten(), keep_probs=False))
-            mask = rho1.select(stats, batch).mask
+            mask = rho1.select_step(stats, batch).mask
             kept += int(mask.sum())
             kept_noise += int(is_noise[batch["positions"].flatten()[mask].numpy()].sum())
         assert kept == 8 * math.ceil(ratio * 16 * BLOCK - 1e-9)

@@ -43,8 +43,8 @@ def kept(mask: torch.Tensor) -> set[int]:
 def test_kept_count_is_ceil_of_keep_fraction(m, alpha):
     keep = 1 - Fraction(alpha)
     loss = torch.rand(m, generator=torch.Generator().manual_seed(m))
-    eslm = ESLM(alpha=float(alpha)).select(stats_of(loss), {})
-    rand = Random(ratio=float(keep)).select(stats_of(loss), {})
+    eslm = ESLM(alpha=float(alpha)).select_step(stats_of(loss), {})
+    rand = Random(ratio=float(keep)).select_step(stats_of(loss), {})
     assert int(eslm.mask.sum()) == ceil_keep(keep, m)
     assert int(rand.mask.sum()) == ceil_keep(keep, m)
     assert eslm.mask.dtype == rand.mask.dtype == torch.bool and eslm.mask.shape == rand.mask.shape == (m,)
@@ -59,7 +59,7 @@ def test_eslm_top_k_matches_brute_force_sort_with_ties(score, m, alpha):
     entropy = torch.randint(0, 4, (m,), generator=g).float()
     strategy = ESLM(score=score, alpha=alpha)
     assert strategy.needs_entropy == (score == "entropy")
-    out = strategy.select(stats_of(loss, entropy), {})
+    out = strategy.select_step(stats_of(loss, entropy), {})
     scores = (loss if score == "loss" else entropy).tolist()
     k = int(out.mask.sum())
     assert kept(out.mask) == brute_top_k(scores, k)
@@ -75,10 +75,10 @@ def test_eslm_keeps_the_high_loss_tokens():
     loss[hard] = 5 + 3 * torch.rand(n_hard, generator=g)  # hard: loss in [5, 8)
     is_hard = torch.zeros(m, dtype=torch.bool)
     is_hard[hard] = True
-    roomy = ESLM(alpha=0.6).select(stats_of(loss), {}).mask  # k = 40 ≥ 30: every hard token fits
+    roomy = ESLM(alpha=0.6).select_step(stats_of(loss), {}).mask  # k = 40 ≥ 30: every hard token fits
     assert roomy[is_hard].all() and int(roomy.sum()) == 40
     assert kept(roomy & ~is_hard) == brute_top_k(torch.where(is_hard, -1.0, loss).tolist(), 10)
-    tight = ESLM(alpha=0.75).select(stats_of(loss), {}).mask  # k = 25 < 30: only hard tokens
+    tight = ESLM(alpha=0.75).select_step(stats_of(loss), {}).mask  # k = 25 < 30: only hard tokens
     assert int(tight.sum()) == 25 and not (tight & ~is_hard).any()
 
 
@@ -96,7 +96,7 @@ def test_eslm_mean_loss_is_empirical_cvar_and_threshold_is_var(ties, m, alpha):
     assert ((1 - a) * m).denominator == 1  # (1−α)M integral: the identity is exact
     g = torch.Generator().manual_seed(m)
     loss = torch.randint(0, 4, (m,), generator=g).float() if ties else 6 * torch.rand(m, generator=g)
-    out = ESLM(alpha=float(a)).select(stats_of(loss), {})
+    out = ESLM(alpha=float(a)).select_step(stats_of(loss), {})
     losses = loss.double().tolist()
     values = {tau: ru_objective(losses, a, tau) for tau in losses}
     cvar = min(values.values())  # the convex piecewise-linear minimum sits at a data point
@@ -119,7 +119,7 @@ def test_eslm_threshold_is_var_when_alpha_m_is_not_integral(m, alpha):
     a = Fraction(alpha)
     assert (a * m).denominator != 1
     loss = torch.rand(m, generator=torch.Generator().manual_seed(m))
-    out = ESLM(alpha=float(a)).select(stats_of(loss), {})
+    out = ESLM(alpha=float(a)).select_step(stats_of(loss), {})
     losses = loss.tolist()
     var = min(s for s in losses if sum(x <= s for x in losses) >= a * m)  # METHODS.md's VaR_α
     assert out.metrics["threshold"] == var
@@ -139,7 +139,7 @@ def test_eslm_weighted_loss_gradient_is_cross_entropy_on_selected_rows(score, ke
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     stats = token_stats(h.detach(), w.detach(), labels, chunk_size=8, entropy=strategy.needs_entropy,
                         keep_probs=keep_probs)
-    mask = strategy.select(stats, {}).mask
+    mask = strategy.select_step(stats, {}).mask
     value = weighted_loss(h, w, labels, mask.float() / mask.sum(), stats, chunk_size=8)
     value.backward()
 
@@ -172,7 +172,7 @@ def test_ada_eslm_alpha_follows_the_rule_and_respects_bounds():
     hit_hi = hit_lo = False
     for step, easy in enumerate(easy_counts):
         stats = batch_with_easy_frac(easy, m, step)
-        out = ada.select(stats, {})
+        out = ada.select_step(stats, {})
         # The selection uses α before the update: ⌈(1−α)M⌉ highest losses.
         assert out.metrics["alpha"] == pytest.approx(expected, rel=1e-12)
         # α is no short decimal here: round away float noise (1e-16) before the ceiling.
@@ -193,7 +193,7 @@ def test_ada_eslm_default_moves_alpha_slowly_towards_easy_frac():
     assert (ada.alpha, ada.alpha_min, ada.alpha_max, ada.momentum) == (0.5, 0.2, 0.9, 0.05)
     expected = 0.5
     for step in range(5):
-        ada.select(batch_with_easy_frac(140, 200, step), {})  # easy_frac 0.7 > α: α rises
+        ada.select_step(batch_with_easy_frac(140, 200, step), {})  # easy_frac 0.7 > α: α rises
         expected = 0.95 * expected + 0.05 * 0.7
         assert ada.alpha == pytest.approx(expected, rel=1e-12)
     assert 0.5 < ada.alpha < 0.7
@@ -203,14 +203,14 @@ def test_ada_eslm_state_dict_round_trip_gives_identical_selections():
     batches = [batch_with_easy_frac(e, 150, s) for s, e in enumerate([10, 140, 90, 30, 120, 150, 0, 75])]
     first = AdaESLM(momentum=0.2)
     for stats in batches[:4]:
-        first.select(stats, {})
+        first.select_step(stats, {})
     state = copy.deepcopy(first.state_dict())
     assert set(state) == {"alpha"} and state["alpha"] == first.alpha
     resumed = AdaESLM(momentum=0.2)  # a fresh strategy, as on resume, then the checkpoint's state
     assert resumed.alpha != state["alpha"]
     resumed.load_state_dict(state)
     for stats in batches[4:]:
-        a, b = first.select(stats, {}), resumed.select(stats, {})
+        a, b = first.select_step(stats, {}), resumed.select_step(stats, {})
         assert torch.equal(a.mask, b.mask) and a.metrics == b.metrics
     assert first.alpha == resumed.alpha
 
@@ -220,7 +220,7 @@ def test_ada_eslm_entropy_ranks_tokens_but_easy_frac_uses_loss():
     entropy = torch.tensor([5.0, 4.0, 0.1, 0.2, 3.0, 0.3, 0.4, 2.0])
     ada = AdaESLM(score="entropy", alpha=0.5)
     assert ada.needs_entropy
-    out = ada.select(stats_of(loss, entropy), {})
+    out = ada.select_step(stats_of(loss, entropy), {})
     assert kept(out.mask) == {0, 1, 4, 7}
     assert out.metrics["easy_frac"] == 0.5
 
@@ -232,7 +232,7 @@ def test_random_is_uniform_over_positions():
     torch.manual_seed(0)
     counts = torch.zeros(m)
     for _ in range(draws):
-        mask = strategy.select(stats, {}).mask
+        mask = strategy.select_step(stats, {}).mask
         assert int(mask.sum()) == 15
         counts += mask
     freq = counts / draws
@@ -244,13 +244,13 @@ def test_random_is_uniform_over_positions():
 def test_random_is_reproducible_from_torch_cpu_rng():
     strategy, stats = Random(ratio=0.6), stats_of(torch.rand(100))
     torch.manual_seed(123)
-    a = strategy.select(stats, {}).mask
+    a = strategy.select_step(stats, {}).mask
     state = torch.get_rng_state()  # what a checkpoint saves
-    b = strategy.select(stats, {}).mask
+    b = strategy.select_step(stats, {}).mask
     torch.manual_seed(123)
-    assert torch.equal(strategy.select(stats, {}).mask, a)
+    assert torch.equal(strategy.select_step(stats, {}).mask, a)
     torch.set_rng_state(state)
-    assert torch.equal(strategy.select(stats, {}).mask, b)
+    assert torch.equal(strategy.select_step(stats, {}).mask, b)
     assert not torch.equal(a, b)
 
 

@@ -12,7 +12,9 @@ from slm_cli.errors import report_errors
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
+    from slm_cli.parallel import local_launch
     from slm_cli.train import train
 
-    summary = train(cfg)
+    with local_launch("train"):
+        summary = train(cfg)
     return summary["val_loss"]  # the value a Hydra sweeper optimises

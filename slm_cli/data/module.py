@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from slm_cli.data.prepare import PreparedData
-from slm_cli.data.windows import StepSampler, TrainWindows, ValWindows
+from slm_cli.data.windows import ShardSampler, StepSampler, TrainWindows, ValWindows
 
 
 class SLMDataModule(L.LightningDataModule):
@@ -57,6 +57,11 @@ class SLMDataModule(L.LightningDataModule):
         return self._loader(windows, sampler=sampler, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        max_windows = None if self.val_batches is None else self.val_batches * self.batch_size
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # val_batches counts batches of the global batch's size (every micro-batch on every
+        # device), so the validation windows are the same however the global batch is split.
+        global_rows = self.batch_size * self.accumulate * world
+        max_windows = None if self.val_batches is None else self.val_batches * global_rows
         windows = ValWindows(self.prepared.tokens("val"), self.block_size, max_windows=max_windows)
-        return self._loader(windows, batch_size=self.batch_size, shuffle=False)
+        return self._loader(windows, batch_size=self.batch_size, sampler=ShardSampler(len(windows), rank, world))

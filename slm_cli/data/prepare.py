@@ -261,10 +261,31 @@ def prepare(
     own ``{name}.tok-{sha}`` folder so it never overwrites the default data, unless the default
     folder already holds the same tokens (e.g. `slm eval` with a model trained on that folder).
     """
+    out = Path(paths_cfg.data_dir) / source_name(data_cfg)
+    # Every process of a multi-device run calls this (torchrun and srun start them all at once):
+    # the first one to take the lock prepares, the others wait and then find the folder ready.
+    with _exclusive(out.with_name(f".{out.name}.lock")):
+        return _prepare(data_cfg, out, tokenizer_spec)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An advisory lock (flock) held while the block runs; released if the process dies."""
+    import fcntl
+
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare(data_cfg: DictConfig, out: Path, tokenizer_spec: str | None) -> PreparedData:
     spec = str(tokenizer_spec or data_cfg.tokenizer)
     settings = _settings(data_cfg, spec)
     source_fp = source_fingerprint(data_cfg)
-    out = Path(paths_cfg.data_dir) / source_name(data_cfg)
     tok = None if spec == "bpe" else load_tokenizer(spec)
     if tok is None:
         identity = f"bpe:{settings['vocab_size']}"

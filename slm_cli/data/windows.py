@@ -136,7 +136,34 @@ class ValWindows(Dataset):
         return self.n_windows
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
-        if not 0 <= k < self.n_windows:
+        """Window k, with ``weight`` 1; k = PAD gives window 0 with weight 0 (see ShardSampler)."""
+        if not (0 <= k < self.n_windows or k == PAD):
             raise IndexError(f"window {k} out of range [0, {self.n_windows})")
-        batch = _windows(self.tokens, np.array([k * self.block_size]), self.block_size, self.aligned)
-        return {name: value[0] for name, value in batch.items()}
+        batch = _windows(self.tokens, np.array([max(k, 0) * self.block_size]), self.block_size, self.aligned)
+        item = {name: value[0] for name, value in batch.items()}
+        item["weight"] = torch.tensor(0.0 if k == PAD else 1.0)
+        return item
+
+
+PAD = -1  # the index of a padding window, which counts with weight 0
+
+
+class ShardSampler(Sampler):
+    """Rank r's share of n windows: r, r + W, r + 2W, ..., padded with PAD to ⌈n/W⌉ on every rank.
+
+    Every rank runs the same number of validation batches, which FSDP and DDP need (their forward
+    holds collectives: a rank with one batch fewer would leave the others waiting forever); the
+    padding windows carry weight 0, so the validation loss is the mean over the n real windows,
+    whatever the number of devices.
+    """
+
+    def __init__(self, n: int, rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.rank, self.world_size = n, rank, world_size
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def __iter__(self) -> Iterator[int]:
+        for i in range(len(self)):
+            k = self.rank + i * self.world_size
+            yield k if k < self.n else PAD

@@ -1,10 +1,20 @@
 """The interface every token-selection strategy implements.
 
-A strategy looks at per-token statistics of the current micro-batch (the model's loss and, on
-request, its predictive entropy) and at the batch itself (which can carry per-token arrays stored
-beside the corpus, such as reference losses), and returns a 0/1 mask of the tokens to train on.
-The training loop turns the mask into per-token weights 1/|S| and computes the LM-head backward
-only for the selected rows (slm_cli/loss.py), so a strategy never touches gradients.
+A strategy decides in three steps, which the training loop (slm_cli/module.py) calls:
+
+1. :meth:`Selection.features`: per micro-batch, on the device that holds it, the flat per-token
+   values the decision needs: the model's loss and, on request, its predictive entropy, plus
+   anything from the batch itself (per-token arrays stored beside the corpus, such as reference
+   losses).
+2. :meth:`Selection.select`: the 0/1 mask over any set of tokens. With `selection.scope=global`
+   the loop gathers the features of every micro-batch on every device first, so one call sees
+   the whole global batch, exactly as on one device; with `scope=local` it sees one micro-batch.
+3. :meth:`Selection.update`: once per optimizer step, with the features of the whole global
+   batch, for strategies that adapt (Ada-ESLM's α), so every device holds the same state.
+
+The training loop turns the mask into per-token weights 1/|S| (|S| counted over the global batch)
+and computes the LM-head backward only for the selected rows (slm_cli/loss.py), so a strategy
+never touches gradients.
 
 A new strategy is one module here plus one YAML file in conf/selection/ whose `_target_` names it.
 """
@@ -29,9 +39,9 @@ if TYPE_CHECKING:
 
 @dataclass
 class Selected:
-    """The result of selecting on one micro-batch."""
+    """The result of one selection (over a micro-batch, or over the whole global batch)."""
 
-    mask: Tensor  # (M,) bool, flattened like TokenStats.loss: True for the tokens trained on
+    mask: Tensor  # (M,) bool, in the order of the features' rows: True for the tokens trained on
     metrics: dict[str, float] = field(default_factory=dict)  # logged as selection/<key>
 
 
@@ -41,10 +51,33 @@ class Selection:
     name: str = "base"
     needs_entropy: bool = False  # ask token_stats for the model's per-token predictive entropy
 
-    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
-        """`stats` is flat (M = B·T rows); `batch` holds (B, T) tensors: input_ids, labels,
-        positions (stream positions of the labels) and any arrays from :meth:`aligned`."""
+    def features(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Flat (M,) float tensors of one micro-batch that :meth:`select` reads. `stats` is flat
+        (M = B·T rows); `batch` holds (B, T) tensors: input_ids, labels, positions (stream
+        positions of the labels) and any arrays from :meth:`aligned`."""
+        feats = {"loss": stats.loss}
+        if self.needs_entropy:
+            assert stats.entropy is not None, "token_stats(entropy=True) is asked for by needs_entropy"
+            feats["entropy"] = stats.entropy
+        return feats
+
+    def select(self, features: Mapping[str, Tensor]) -> Selected:
+        """The mask over the rows of `features` (one micro-batch, or several concatenated in
+        global-batch order). It must depend only on the features and the strategy's state, so
+        that the same rows give the same mask on any device."""
         raise NotImplementedError
+
+    def update(self, features: Mapping[str, Tensor]) -> dict[str, float]:
+        """Adapt the strategy's state after an optimizer step, from the features of the step's
+        whole global batch; returns metrics to log. Most strategies keep no state."""
+        return {}
+
+    def select_step(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
+        """A whole optimizer step on a single micro-batch (one device, no accumulation)."""
+        feats = self.features(stats, batch)
+        selected = self.select(feats)
+        selected.metrics.update(self.update(feats))
+        return selected
 
     def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         """Per-token arrays aligned with train.bin to be gathered into every training batch under

@@ -7,7 +7,6 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from slm_cli.loss import TokenStats
 from slm_cli.selection.base import Selected, Selection
 
 
@@ -17,5 +16,5 @@ class CLM(Selection):
     def __init__(self, name: str = "clm") -> None:
         self.name = name
 
-    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
-        return Selected(mask=torch.ones_like(stats.loss, dtype=torch.bool))
+    def select(self, features: Mapping[str, Tensor]) -> Selected:
+        return Selected(mask=torch.ones_like(features["loss"], dtype=torch.bool))

@@ -29,7 +29,6 @@ from typing import Any
 from torch import Tensor
 
 from slm_cli.errors import SlmError
-from slm_cli.loss import TokenStats
 from slm_cli.selection.base import Selected, Selection, check_choice, check_fraction, keep_count, top_k_mask
 
 SCORES = ("loss", "entropy")
@@ -51,9 +50,8 @@ class ESLM(Selection):
         self.alpha = check_fraction("selection.alpha", alpha)
         self.needs_entropy = self.score == "entropy"
 
-    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
-        scores = stats.loss if self.score == "loss" else stats.entropy
-        assert scores is not None, "score=entropy needs token_stats(entropy=True): see needs_entropy"
+    def select(self, features: Mapping[str, Tensor]) -> Selected:
+        scores = features[self.score]
         mask, threshold = top_k_mask(scores, keep_count(1.0 - self.alpha, scores.numel()))
         return Selected(mask=mask, metrics={"alpha": self.alpha, "threshold": threshold})
 
@@ -62,7 +60,7 @@ class AdaESLM(ESLM):
     """ESLM whose confidence α follows how much of the batch the model already predicts well.
 
     The paper adapts α during training but its exact rule is not available to us; this controller
-    is *our choice* (docs/METHODS.md). After each micro-batch's selection, which uses the current α,
+    is *our choice* (docs/METHODS.md). After each optimizer step's selection, which uses the current α,
 
         easy_frac = #{j : ℓ_j < easy_loss} / M          (default easy_loss = ln 2, i.e. p > 1/2)
         α ← clip((1 − momentum)·α + momentum·easy_frac, alpha_min, alpha_max)
@@ -70,8 +68,9 @@ class AdaESLM(ESLM):
     so α tracks (an exponential moving average of) the share of tokens already learned, and
     training concentrates on the rest: early on few tokens are easy and α falls towards alpha_min
     (train on most tokens), later it rises and selection gets sharper. easy_frac always uses the
-    model's loss, whatever `score` ranks the tokens by. α is updated once per micro-batch, on each
-    device from its own micro-batch, is logged as selection/alpha, and is saved in checkpoints
+    model's loss, whatever `score` ranks the tokens by. α is updated once per optimizer step from
+    the step's whole global batch (every micro-batch on every device, whatever selection.scope),
+    so all devices hold the same α; it is logged as selection/alpha and saved in checkpoints
     (state_dict) so that a resumed run continues with the same α.
     """
 
@@ -100,13 +99,12 @@ class AdaESLM(ESLM):
                            f"e.g. selection.easy_loss=0.693 (ln 2)")
         self.easy_loss = float(easy_loss)
 
-    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
-        selected = super().select(stats, batch)
-        easy_frac = int((stats.loss < self.easy_loss).sum()) / stats.loss.numel()
+    def update(self, features: Mapping[str, Tensor]) -> dict[str, float]:
+        loss = features["loss"]
+        easy_frac = int((loss < self.easy_loss).sum()) / loss.numel()
         mixed = (1.0 - self.momentum) * self.alpha + self.momentum * easy_frac
         self.alpha = min(max(mixed, self.alpha_min), self.alpha_max)
-        selected.metrics["easy_frac"] = easy_frac
-        return selected
+        return {"easy_frac": easy_frac}
 
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha}

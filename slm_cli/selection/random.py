@@ -11,7 +11,6 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from slm_cli.loss import TokenStats
 from slm_cli.selection.base import Selected, Selection, check_fraction, keep_count
 
 
@@ -22,11 +21,13 @@ class Random(Selection):
         self.name = name
         self.ratio = check_fraction("selection.ratio", ratio)
 
-    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
-        m = stats.loss.numel()
+    def select(self, features: Mapping[str, Tensor]) -> Selected:
+        loss = features["loss"]
+        m = loss.numel()
         # Drawn from torch's global CPU generator whatever the device: its state is saved in
-        # checkpoints (module.on_save_checkpoint), so a resumed run draws the same subsets.
+        # checkpoints (module.on_save_checkpoint), so a resumed run draws the same subsets; every
+        # device draws the same permutation of the global batch (same seed, same draws).
         kept = torch.randperm(m)[: keep_count(self.ratio, m)]
         mask = torch.zeros(m, dtype=torch.bool)
         mask[kept] = True
-        return Selected(mask=mask.to(stats.loss.device))
+        return Selected(mask=mask.to(loss.device))

@@ -1,7 +1,7 @@
 """RHO-1 Selective Language Modeling (Lin et al. 2024, arXiv 2404.07965).
 
 A reference model trained on curated data scores every token; the model trains only on the top
-``ratio`` of each micro-batch's tokens by
+``ratio`` of each global batch's tokens (or micro-batch's, with selection.scope=local) by
 
 - ``excess`` (the paper's method): Δ_j = ℓ_j − ℓ^ref_j, signed. Tokens the reference finds easy
   but the model does not yet predict are the learnable ones; noise has a high ℓ^ref and a low Δ.
@@ -96,13 +96,22 @@ class Rho1(Selection):
         return (batch["ref_loss"].reshape(-1).to(device, torch.float32),
                 None if entropy is None else entropy.reshape(-1).to(device, torch.float32))
 
-    def select(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
+    def features(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        # The reference runs (online) or is read (precomputed) where the micro-batch is; only
+        # these flat values travel when the selection is global.
         ref_loss, ref_entropy = self._reference_stats(batch, stats.loss.device)
+        feats = {"loss": stats.loss, "ref_loss": ref_loss}
+        if self.score == "reference_entropy":
+            feats["ref_entropy"] = ref_entropy
+        return feats
+
+    def select(self, features: Mapping[str, Tensor]) -> Selected:
+        ref_loss = features["ref_loss"]
         if self.score == "excess":
-            scores = stats.loss - ref_loss
+            scores = features["loss"] - ref_loss
         elif self.score == "reference_loss":
             scores = -ref_loss
         else:
-            scores = -ref_entropy
+            scores = -features["ref_entropy"]
         mask, threshold = top_k_mask(scores, keep_count(self.ratio, scores.numel()))
         return Selected(mask=mask, metrics={"threshold": threshold, "ref_loss": float(ref_loss.mean())})
