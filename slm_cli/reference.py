@@ -201,7 +201,9 @@ def load(spec: str) -> ReferenceModel:
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / RUN_DIR_CHECKPOINT).is_file():
+        if (path / "meta.pt").is_file():  # a sharded checkpoint folder (trainer=fsdp)
+            return _load_slm(spec, path)
+        if (path / RUN_DIR_CHECKPOINT).exists():
             return _load_slm(spec, path / RUN_DIR_CHECKPOINT)
         if (path / "config.json").is_file():
             return _load_hf(spec, path)
@@ -246,7 +248,7 @@ def default_name(spec: str) -> str:
     """Name of the score folder for a reference: the run dir's name (plus the checkpoint's stem
     unless it is last.ckpt), a checkpoint's stem, or a model folder's name."""
     path = Path(spec).expanduser().resolve()
-    if path.is_file() and path.parent.name == RUN_DIR_CHECKPOINT.parent.name:
+    if path.exists() and path.parent.name == RUN_DIR_CHECKPOINT.parent.name:
         run = path.parent.parent.name
         name = run if path.name == RUN_DIR_CHECKPOINT.name else f"{run}-{path.stem}"
     else:

@@ -46,7 +46,10 @@ def _from_checkpoint(path: Path) -> Tokenizer:
     import torch  # deferred: torch is slow to import and only needed for checkpoints
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if path.is_dir():  # a sharded checkpoint (trainer=fsdp): the tokenizer is in its meta.pt
+            ckpt = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        else:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return Tokenizer.from_str(ckpt["slm"]["tokenizer_json"])
     except Exception as e:  # any failure here means the file is not a usable slm checkpoint
         raise SlmError(
@@ -71,7 +74,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return _from_json(path / "tokenizer.json")
-        if (path / RUN_DIR_CHECKPOINT).is_file():
+        if (path / "meta.pt").is_file():  # a sharded checkpoint folder
+            return _from_checkpoint(path)
+        if (path / RUN_DIR_CHECKPOINT).exists():
             return _from_checkpoint(path / RUN_DIR_CHECKPOINT)
         raise SlmError(
             f"folder {path} has no tokenizer.json nor {RUN_DIR_CHECKPOINT}: "
