@@ -48,6 +48,14 @@ def bad_train(tmp_path: Path, data_dir: Path, *overrides: str):
         (["model.vocab_size=100"], ["model.vocab_size=100", "tokenizer"]),
         (["data.val_fraction=1.5"], ["data.val_fraction"]),
         (["data=text", "data.path=/does/not/exist"], ["/does/not/exist", "data.path"]),
+        (["selection.scope=everywhere"], ["selection.scope=everywhere", "global, local"]),
+        (["trainer.compile=maybe"], ["trainer.compile=maybe", "true or false"]),
+        # GPU-only settings on this CPU-only machine: one line, before any work
+        pytest.param(["trainer=gpu"], ["trainer.accelerator=gpu", "no CUDA GPU", "trainer=cpu"],
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        pytest.param(["trainer=fsdp"], ["no CUDA GPU", "trainer.accelerator=cpu"],
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
+        (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], ["trainer.precision=16-mixed", "needs a GPU"]),
     ],
 )
 def test_bad_config_values(tiny_data: Path, tmp_path: Path, overrides: list[str], words: list[str]) -> None:
