@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,13 @@ def test_fsdp_sharded_checkpoint_resumes_exactly_and_evaluates(eslm_runs: dict[s
            "data.name=tiny", "data.max_bytes=300000", "data.vocab_size=512", "data.batch_size=4", "max_batches=4",
            f"out={out}", cwd=tmp_path))
     assert json.loads(out.read_text())["loss"] == pytest.approx(whole["val_loss"], abs=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C compiler")
+def test_compiled_blocks_train_the_same_model(eslm_runs: dict[str, Path], tiny_data: Path, tmp_path: Path) -> None:
+    """trainer.compile=true (torch.compile per block, as on GPUs) changes neither the result nor
+    the checkpoint's parameter names."""
+    train(tmp_path / "compiled", tiny_data, "selection=eslm", "trainer.compile=true", *COMMON, *SPLITS["one"],
+          cwd=tmp_path)
+    assert max_diff(params(tmp_path / "compiled"), params(eslm_runs["one"])) < 1e-5
