@@ -25,12 +25,18 @@ class JobFailed(BaseException):
 def report_errors(task):  # type: ignore[no-untyped-def]
     """Decorator for a Hydra task function: re-raise its exceptions as :class:`JobFailed`."""
     import functools
+    import os
 
     @functools.wraps(task)
     def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
         try:
             return task(*args, **kwargs)
         except Exception as exc:
+            if os.environ.get("SUBMITIT_FOLDER"):
+                # A SLURM job of hydra/launcher=slurm: submitit records only an Exception as the
+                # job's outcome (anything else leaves `slm train -m` waiting for a result), and
+                # hands it to the `slm` process that submitted the job, which prints one line.
+                raise
             raise JobFailed(exc) from exc
 
     return wrapped
