@@ -52,6 +52,8 @@ def one_line(exc: BaseException) -> str:
     # Hydra appends the config search path; it is noise for a one-line report.
     lines = [line for line in lines if not line.startswith(("Config search path", "provider=", "Search path"))]
     text = "; ".join(lines) or type(exc).__name__
+    if "hydra/launcher/submitit" in text:  # hydra/launcher=slurm without its plugin
+        return f"{lines[0].rstrip('.')}: the SLURM launcher needs its plugin: pip install 'slm[slurm]' (make install has it)"
     from slm_cli.errors import SlmError
 
     if not isinstance(exc, SlmError) and not _is_config_error(exc):

@@ -6,6 +6,7 @@ place, so an interrupted run never leaves a truncated file that looks valid.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -46,13 +47,19 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load an slm checkpoint with ``weights_only=True`` (tensors and plain containers only)."""
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, tensors: bool = True) -> dict[str, Any]:
+    """Load an slm checkpoint with ``weights_only=True`` (tensors and plain containers only).
+
+    ``tensors=False`` asks only for the non-tensor part (the ``slm`` entry, the step): a sharded
+    checkpoint then reads its meta.pt alone instead of consolidating every shard.
+    """
     path = Path(path)
     if not path.exists():
         raise SlmError(f"checkpoint {path} does not exist: pass ckpt_path=<run>/checkpoints/last.ckpt")
     try:
-        if path.is_dir():  # a sharded checkpoint (trainer=fsdp): consolidated in memory
+        if path.is_dir() and not tensors:
+            ckpt = {"state_dict": {}, **torch.load(path / "meta.pt", map_location=map_location, weights_only=True)}
+        elif path.is_dir():  # a sharded checkpoint (trainer=fsdp): consolidated in memory
             ckpt = _load_sharded(path)
         else:
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -76,6 +83,28 @@ def _load_sharded(path: Path) -> dict[str, Any]:
     if not (path / _METADATA_FILENAME).is_file():
         raise ValueError(f"no {_METADATA_FILENAME} in the folder")
     return _load_distributed_checkpoint(path)
+
+
+def read_metrics(csv_path: Path, before_step: int) -> tuple[list[str], list[dict[str, str]]]:
+    """The header of a metrics.csv and its rows logged before ``before_step``."""
+    import csv
+
+    if not csv_path.is_file():
+        return [], []
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = [row for row in reader if row.get("step") and float(row["step"]) < before_step]
+        return list(reader.fieldnames or []), rows
+
+
+def write_metrics(csv_path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    import csv
+
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(csv_path, lambda f: f.write(text.getvalue().encode()))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

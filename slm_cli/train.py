@@ -16,6 +16,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from slm_cli import flops
@@ -25,7 +26,7 @@ from slm_cli.data.prepare import PreparedData, prepare
 from slm_cli.errors import SlmError
 from slm_cli.model.gpt import GPTConfig
 from slm_cli.module import SLMModule
-from slm_cli.outputs import AtomicCheckpointIO, load_checkpoint, write_json
+from slm_cli.outputs import AtomicCheckpointIO, load_checkpoint, read_metrics, write_json, write_metrics
 from slm_cli.selection.base import Selection
 from slm_cli.targets.base import Target
 
@@ -37,7 +38,10 @@ for _pattern in (".*does not have many workers.*", ".*The number of training bat
                  ".*`training_step` returns `None`.*", ".*on_validation_epoch_end.*sync_dist.*", ".*when logging on epoch level in distributed.*",
                  ".*ThroughputMonitor.*", ".*Checkpoint directory .* exists and is not empty.*",
                  # the run dir already holds Hydra's .hydra/ and log when the CSV logger starts
-                 ".*Experiment logs directory .* exists and is not empty.*", ".*LeafSpec.*"):
+                 ".*Experiment logs directory .* exists and is not empty.*", ".*LeafSpec.*",
+                 # checkpoints are taken after the optimizer step on purpose: step<N>.ckpt holds
+                 # the state after N updates, which is what resume expects
+                 ".*ModelCheckpoint with manual optimization.*"):
     warnings.filterwarnings("ignore", _pattern)
 
 
@@ -141,7 +145,7 @@ def setup(
 ) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
     check_train(cfg)
-    resume = load_checkpoint(ckpt_path) if ckpt_path else None
+    resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
     for split in ("train", "val"):
@@ -149,8 +153,10 @@ def setup(
         if n < gpt.block_size + 1:
             raise SlmError(f"model.block_size={gpt.block_size} needs at least {gpt.block_size + 1} tokens but the "
                            f"{split} split of {prepared.dir} has {n}: lower model.block_size or use a larger corpus")
+    resume_step = 0
     if resume is not None:
         check_resume(resume, gpt, prepared, ckpt_path)
+        resume_step = int(resume.get("global_step", 0))
     del resume
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -168,7 +174,25 @@ def setup(
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, num_workers=cfg.data.num_workers,
         val_batches=cfg.trainer.limit_val_batches, aligned=selection.aligned(prepared) | target.aligned(prepared),
     )
-    return build_trainer(cfg, run_dir), module, datamodule, selection, prepared
+    trainer = build_trainer(cfg, run_dir)
+    if resume_step and trainer.is_global_zero:
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                continue_metrics(logger, resume_step)
+    return trainer, module, datamodule, selection, prepared
+
+
+def continue_metrics(logger: CSVLogger, step: int) -> None:
+    """A resumed run's metrics.csv keeps the rows logged before `step` (the later steps are
+    trained, and logged, again). Lightning's CSV writer deletes an existing metrics.csv when it
+    starts, so the rows are read first, written back after, and the writer is told the header so
+    that it appends to the file."""
+    path = Path(logger.log_dir) / "metrics.csv"
+    header, rows = read_metrics(path, before_step=step)
+    writer = logger.experiment  # created here: this is where Lightning deletes the file
+    if header:
+        write_metrics(path, header, rows)
+        writer.metrics_keys = header
 
 
 def discard_unstarted(run_dir: Path) -> None:

@@ -46,17 +46,6 @@ def test_experiment_composes_and_command_line_wins(tmp_path: Path) -> None:
     assert cfg["trainer"]["accumulate_grad_batches"] == 40  # what the command line did not override stays
 
 
-def test_multirun_writes_one_run_dir_per_job(tiny_data: Path, tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    ok(slm("train", "-m", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL,
-           *QUIET, "trainer.max_steps=3", "seed=1,2", cwd=tmp_path))
-    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
-    assert all(s["steps"] == 3 for s in summaries)
-    assert summaries[0]["val_loss"] != summaries[1]["val_loss"]  # different seeds, different runs
-    configs = [yaml.safe_load((sweep / str(i) / ".hydra" / "config.yaml").read_text()) for i in (0, 1)]
-    assert [c["seed"] for c in configs] == [1, 2]
-
-
 def test_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
     """Install the package (not editable) into a folder and run it from elsewhere: conf/ must ship
     inside it as slm_cli.conf, and every subpackage must be in the install."""
@@ -98,3 +87,14 @@ def test_wandb_offline_and_tensorboard_loggers(tiny_data: Path, tmp_path: Path) 
                *TINY_MODEL, *QUIET, "trainer.max_steps=2", cwd=tmp_path, env={"WANDB_SILENT": "true"}))
         assert (run / "metrics.csv").is_file()  # csv is always written
         assert any((run / produced).iterdir())
+
+
+def test_missing_launcher_plugin_is_one_line() -> None:
+    from hydra.errors import MissingConfigException
+
+    from slm_cli.__main__ import one_line
+
+    exc = MissingConfigException("Could not load 'hydra/launcher/submitit_slurm'.\nConfig search path:\n\tprovider=x",
+                                 missing_cfg_file="hydra/launcher/submitit_slurm")
+    assert one_line(exc) == ("Could not load 'hydra/launcher/submitit_slurm': the SLURM launcher needs its plugin: "
+                             "pip install 'slm[slurm]' (make install has it)")

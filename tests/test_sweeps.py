@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm
 from tests.test_distributed import CPU_DDP
@@ -37,6 +38,8 @@ def test_multirun_runs_jobs_one_after_another(tiny_data: Path, tmp_path: Path) -
     for job, alpha in zip(("0", "1", "2"), (0.2, 0.4, 0.6), strict=True):
         assert runs[job]["steps"] == 3
         assert runs[job]["selected_tokens"] == 3 * math.ceil((1 - alpha) * tokens_per_step() - 1e-9)
+        config = yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())
+        assert config["selection"]["alpha"] == alpha and config["task_name"] == "eslm_tiny"
 
 
 def test_multirun_of_ddp_jobs_relaunches_each_job_in_its_own_dir(tiny_data: Path, tmp_path: Path) -> None:

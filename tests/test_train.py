@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import TINY_DATA, ok, slm, train
+from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm, train
 
 
 def analytic_flops_per_token(state: dict, n_layer: int, block_size: int, n_embd: int) -> int:
@@ -126,6 +126,27 @@ def test_resume_is_exact(strategy: str, run: Path, tiny_data: Path, tmp_path: Pa
     assert a["slm"]["selection"] == b["slm"]["selection"]
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6)
+
+
+def test_restarted_run_resumes_from_its_own_last_ckpt(tiny_data: Path, tmp_path: Path) -> None:
+    """A job started again in its run dir (a requeued SLURM job) continues from checkpoints/last.ckpt
+    without ckpt_path, ends like an uninterrupted run, and keeps the metrics rows logged before."""
+    common = ["optim.decay_steps=8", "optim.warmup_steps=2", "trainer.val_check_interval=4",
+              "trainer.checkpoint_every_n_steps=4", "trainer.log_every_n_steps=1"]
+    whole = train(tmp_path / "whole", tiny_data, "trainer.max_steps=8", *common, cwd=tmp_path)
+    train(tmp_path / "again", tiny_data, "trainer.max_steps=4", *common, cwd=tmp_path)
+    first = (tmp_path / "again" / "metrics.csv").read_text().splitlines()
+    proc = ok(slm("train", f"hydra.run.dir={tmp_path / 'again'}", f"paths.data_dir={tiny_data}", *TINY_DATA,
+                  *TINY_MODEL, *QUIET, "trainer.max_steps=8", *common, cwd=tmp_path))
+    assert f"resuming from {tmp_path / 'again'}/checkpoints/last.ckpt" in proc.stdout + proc.stderr
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    assert again["steps"] == 8 and again["train_tokens"] == whole["train_tokens"]
+    assert abs(again["val_loss"] - whole["val_loss"]) < 1e-6
+    rows = list(csv.DictReader((tmp_path / "again" / "metrics.csv").read_text().splitlines()))
+    losses = {float(r["step"]): float(r["train/loss"]) for r in rows if r["train/loss"]}
+    before = {float(r["step"]): float(r["train/loss"]) for r in csv.DictReader(first) if r["train/loss"]}
+    assert before and all(losses[k] == v for k, v in before.items())  # rows from before the restart
+    assert max(losses) > max(before)  # and rows from after it
 
 
 @pytest.mark.parametrize("everything", [["selection=eslm", "selection.alpha=1e-9"],
