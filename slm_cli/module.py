@@ -56,7 +56,7 @@ class StepSelection:
     """A selection made over the whole global batch, before the micro-batches' backward passes."""
 
     masks: list[Tensor]  # this device's mask of each micro-batch
-    scale: float  # weight of a selected token: world_size / |S| (DDP and FSDP average over devices)
+    scale: Tensor  # weight of a selected token: world_size / |S| (DDP and FSDP average over devices)
     features: dict[str, Tensor]  # the global batch's features, for Selection.update
     metrics: dict[str, float]
 
@@ -129,10 +129,9 @@ class SLMModule(L.LightningModule):
         selected = self.selection.select(everyone)
         rank, m = self.trainer.global_rank, local["loss"].numel()
         mine = selected.mask[rank * m : (rank + 1) * m]
-        count = int(selected.mask.sum())
+        count = selected.mask.sum().clamp_min(1)  # a tensor: no host sync here
         return StepSelection(masks=list(mine.split([f["loss"].numel() for f in features])),
-                             scale=self.trainer.world_size / max(count, 1), features=everyone,
-                             metrics=selected.metrics)
+                             scale=self.trainer.world_size / count, features=everyone, metrics=selected.metrics)
 
     def _head(self, labels: Tensor, batch: dict[str, Tensor], planned: StepSelection | None, index: int):
         """The loss as a head callable: GPT.forward hands it the final hidden states and the tied
@@ -159,7 +158,7 @@ class SLMModule(L.LightningModule):
             else:  # local: a mean over this micro-batch's selection; the step averages micro-batches
                 selected = self.selection.select(features)
                 mask, metrics = selected.mask, selected.metrics
-                scale = 1.0 / (max(int(mask.sum()), 1) * self.accumulate)
+                scale = 1.0 / (mask.sum().clamp_min(1) * self.accumulate)
             weights = mask.to(torch.float32) * scale
             loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
                                  chunk_size=self.chunk_size)
