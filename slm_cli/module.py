@@ -300,6 +300,13 @@ class SLMModule(L.LightningModule):
 
     # ---- checkpoints carry what is needed to resume exactly and to evaluate alone -------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if not self.trainer.training:
+            # Saved after fit (train.py's final last.ckpt), Lightning's logging-step counter has
+            # already moved past the last step, and its restore adds one more (it expects saves
+            # from inside the step): without this, metrics of a continued run skip a step.
+            epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+            if epoch_loop.get("_batches_that_stepped"):
+                epoch_loop["_batches_that_stepped"] -= 1
         checkpoint["slm"] = {
             "format_version": CHECKPOINT_FORMAT,
             "model": asdict(self.model_config),
