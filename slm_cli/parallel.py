@@ -113,6 +113,21 @@ class FSDPStrategy(ModelParallelStrategy):
                 path.unlink(missing_ok=True)
 
 
+def check_launcher() -> None:
+    """hydra/launcher=slurm without -m would train here, in this process, and submit nothing."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from slm_cli.errors import SlmError
+
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.RUN and "submitit" in str(hydra_cfg.launcher.get("_target_", "")):
+        raise SlmError("hydra/launcher=slurm submits the jobs of a sweep, and this is a single run: add -m "
+                       "(slm train -m hydra/launcher=slurm ...), also for one job")
+
+
 # What Lightning's local launcher (one process per device, started by rank 0) puts in rank 0's
 # own environment; a later job in the same process would read it as "launched by someone else".
 LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")

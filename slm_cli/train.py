@@ -27,6 +27,7 @@ from slm_cli.errors import SlmError
 from slm_cli.model.gpt import GPTConfig
 from slm_cli.module import SLMModule
 from slm_cli.outputs import AtomicCheckpointIO, load_checkpoint, read_metrics, write_json, write_metrics
+from slm_cli.parallel import check_launcher
 from slm_cli.selection.base import Selection
 from slm_cli.targets.base import Target
 
@@ -144,6 +145,7 @@ def setup(
     cfg: DictConfig, run_dir: Path, ckpt_path: str | None
 ) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
+    check_launcher()
     check_train(cfg)
     resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)

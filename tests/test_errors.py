@@ -56,6 +56,7 @@ def bad_train(tmp_path: Path, data_dir: Path, *overrides: str):
         pytest.param(["trainer=fsdp"], ["no CUDA GPU", "trainer.accelerator=cpu"],
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
         (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], ["trainer.precision=16-mixed", "needs a GPU"]),
+        (["hydra/launcher=slurm"], ["hydra/launcher=slurm", "add -m"]),
     ],
 )
 def test_bad_config_values(tiny_data: Path, tmp_path: Path, overrides: list[str], words: list[str]) -> None:
