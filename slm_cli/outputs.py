@@ -47,6 +47,14 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+SHARDED_META = "meta.pt"  # Lightning's file for the non-tensor part of a sharded checkpoint folder
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A folder written by trainer=fsdp (slm_cli.parallel.FSDPStrategy)."""
+    return path.is_dir() and (path / SHARDED_META).is_file()
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, tensors: bool = True) -> dict[str, Any]:
     """Load an slm checkpoint with ``weights_only=True`` (tensors and plain containers only).
 
@@ -58,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, tenso
         raise SlmError(f"checkpoint {path} does not exist: pass ckpt_path=<run>/checkpoints/last.ckpt")
     try:
         if path.is_dir() and not tensors:
-            ckpt = {"state_dict": {}, **torch.load(path / "meta.pt", map_location=map_location, weights_only=True)}
+            ckpt = {"state_dict": {}, **torch.load(path / SHARDED_META, map_location=map_location, weights_only=True)}
         elif path.is_dir():  # a sharded checkpoint (trainer=fsdp): consolidated in memory
             ckpt = _load_sharded(path)
         else:
@@ -78,10 +86,10 @@ def _load_sharded(path: Path) -> dict[str, Any]:
     Lightning's own loader for the format (what `python -m lightning.pytorch.utilities.
     consolidate_checkpoint` runs); its non-tensor part (meta.pt) is read with weights_only.
     """
-    from lightning.fabric.utilities.load import _METADATA_FILENAME, _load_distributed_checkpoint
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
 
-    if not (path / _METADATA_FILENAME).is_file():
-        raise ValueError(f"no {_METADATA_FILENAME} in the folder")
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"no {SHARDED_META} in the folder")
     return _load_distributed_checkpoint(path)
 
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from slm_cli.data.aligned import check_same_corpus, load_array
 from slm_cli.data.tokenizer import RUN_DIR_CHECKPOINT, load_tokenizer, tokenizer_sha256
 from slm_cli.errors import SlmError
-from slm_cli.outputs import load_checkpoint, write_json
+from slm_cli.outputs import is_sharded_checkpoint, load_checkpoint, write_json
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -201,7 +201,7 @@ def load(spec: str) -> ReferenceModel:
     spec = str(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "meta.pt").is_file():  # a sharded checkpoint folder (trainer=fsdp)
+        if is_sharded_checkpoint(path):
             return _load_slm(spec, path)
         if (path / RUN_DIR_CHECKPOINT).exists():
             return _load_slm(spec, path / RUN_DIR_CHECKPOINT)

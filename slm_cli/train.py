@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 # Deliberate choices that Lightning warns about: memmap windows need no loader workers, and the
 # loader is infinite (the run ends at trainer.max_steps).
 for _pattern in (".*does not have many workers.*", ".*The number of training batches.*",
-                 ".*`training_step` returns `None`.*", ".*on_validation_epoch_end.*sync_dist.*", ".*when logging on epoch level in distributed.*",
+                 ".*`training_step` returns `None`.*", ".*on_validation_epoch_end.*sync_dist.*",
+                 # val/loss is reduced over devices by the module itself (sums, then one division)
+                 ".*when logging on epoch level in distributed.*",
                  ".*ThroughputMonitor.*", ".*Checkpoint directory .* exists and is not empty.*",
                  # the run dir already holds Hydra's .hydra/ and log when the CSV logger starts
                  ".*Experiment logs directory .* exists and is not empty.*", ".*LeafSpec.*",

@@ -46,8 +46,10 @@ def _from_checkpoint(path: Path) -> Tokenizer:
     import torch  # deferred: torch is slow to import and only needed for checkpoints
 
     try:
-        if path.is_dir():  # a sharded checkpoint (trainer=fsdp): the tokenizer is in its meta.pt
-            ckpt = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        if path.is_dir():  # a sharded checkpoint (trainer=fsdp): no shard needs reading
+            from slm_cli.outputs import load_checkpoint
+
+            ckpt = load_checkpoint(path, tensors=False)
         else:
             ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return Tokenizer.from_str(ckpt["slm"]["tokenizer_json"])
@@ -74,7 +76,9 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return _from_json(path / "tokenizer.json")
-        if (path / "meta.pt").is_file():  # a sharded checkpoint folder
+        from slm_cli.outputs import is_sharded_checkpoint  # deferred: it imports torch
+
+        if is_sharded_checkpoint(path):
             return _from_checkpoint(path)
         if (path / RUN_DIR_CHECKPOINT).exists():
             return _from_checkpoint(path / RUN_DIR_CHECKPOINT)
