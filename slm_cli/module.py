@@ -53,11 +53,11 @@ class MicroOutput:
 
 @dataclass
 class StepSelection:
-    """A selection made over the whole global batch, before the micro-batches' backward passes."""
+    """A selection: over the whole global batch (scope=global), or over one micro-batch (local)."""
 
     masks: list[Tensor]  # this device's mask of each micro-batch
     scale: Tensor  # weight of a selected token: world_size / |S| (DDP and FSDP average over devices)
-    features: dict[str, Tensor]  # the global batch's features, for Selection.update
+    features: dict[str, Tensor]  # the features selected on (global batch; local scope: the micro-batch)
     metrics: dict[str, float]
 
 
@@ -133,6 +133,13 @@ class SLMModule(L.LightningModule):
         return StepSelection(masks=list(mine.split([f["loss"].numel() for f in features])),
                              scale=self.trainer.world_size / count, features=everyone, metrics=selected.metrics)
 
+    def _select_local(self, features: dict[str, Tensor]) -> StepSelection:
+        """scope=local: this micro-batch alone, a mean over its own selection; the step averages
+        the micro-batches (here) and the devices (DDP/FSDP)."""
+        selected = self.selection.select(features)
+        scale = 1.0 / (selected.mask.sum().clamp_min(1) * self.accumulate)
+        return StepSelection(masks=[selected.mask], scale=scale, features=features, metrics=selected.metrics)
+
     def _head(self, labels: Tensor, batch: dict[str, Tensor], planned: StepSelection | None, index: int):
         """The loss as a head callable: GPT.forward hands it the final hidden states and the tied
         LM-head weight, so no B×T×V logits tensor is built outside the chunked loss.
@@ -147,25 +154,20 @@ class SLMModule(L.LightningModule):
             y = labels.reshape(-1)
             stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
                                 entropy=self.selection.needs_entropy, keep_probs=self.keep_probs)
-            features: dict[str, Tensor] = {}
-            if planned is None:
+            plan, part = planned, index
+            if plan is None:  # select now, on this micro-batch's features
                 features = self.selection.features(stats, batch)
-            plan = planned
-            if plan is None and self.scope == "global":
-                plan = self._select_global([features])
-            if plan is not None:
-                mask, scale, metrics = plan.masks[index], plan.scale, plan.metrics
-            else:  # local: a mean over this micro-batch's selection; the step averages micro-batches
-                selected = self.selection.select(features)
-                mask, metrics = selected.mask, selected.metrics
-                scale = 1.0 / (mask.sum().clamp_min(1) * self.accumulate)
+                plan = self._select_global([features]) if self.scope == "global" else self._select_local(features)
+                part = 0
+            mask = plan.masks[part]
+            scale = plan.scale
             weights = mask.to(torch.float32) * scale
             loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
                                  chunk_size=self.chunk_size)
             # A tuple, not a dataclass, so that FSDP2 finds the loss tensor in the output and hooks
             # its backward (it looks through tuples, not through arbitrary objects).
-            return loss, MicroOutput(token_loss=stats.loss, selected=mask.sum(),
-                                     features=features if plan is None else plan.features, metrics=metrics)
+            return loss, MicroOutput(token_loss=stats.loss, selected=mask.sum(), features=plan.features,
+                                     metrics=plan.metrics)
 
         return head
 
