@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 
 # subcommand -> (module in slm_cli.commands, one-line help)
@@ -17,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("eval", "perplexity of a checkpoint on a corpus split"),
     "score": ("score", "reference-model losses beside a corpus, for selection=rho1"),
     "ngram": ("ngram", "top-r n-gram next-token distributions beside a corpus (n-gram targets)"),
+    "export": ("export", "a checkpoint as a Hugging Face transformers folder"),
+    "sample": ("sample", "print continuations of a prompt from a checkpoint"),
+    "report": ("report", "tables and plots comparing runs and sweeps: report.md/.csv/.html"),
 }
 
 USAGE = """usage: slm <command> [hydra overrides...] [-m] [--help] [--cfg job]
@@ -30,8 +34,43 @@ examples:
   slm train -m optim.lr=3e-4,1e-3 seed=1,2    # a sweep, one run dir per job
   slm prepare data=text data.path=corpus.txt
   slm eval ckpt_path=outputs/train/<run>/checkpoints/last.ckpt data=stdlib
+  slm report outputs/train/multirun/<date>     # tables and plots of a sweep (no argument: the latest)
 
 `slm <command> --help` shows the config groups and keys of that command."""
+
+
+# Commands whose bare arguments (neither `key=value` nor a flag) are paths: they become one list
+# override, e.g. `slm report a 'b/*'` -> `slm report runs=['a','b/*']`.
+POSITIONAL: dict[str, str] = {"report": "runs"}
+# Hydra's flags that take a value (which is not a path); --info/-i takes one only from this set.
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                     "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+def _is_override(arg: str) -> bool:
+    """`key=value` in Hydra's syntax (unless a path of that name exists)."""
+    return bool(re.match(r"^(\+\+|\+|~)?[\w.@/-]+=", arg)) and not os.path.exists(arg)
+
+
+def positional_to_override(args: list[str], key: str) -> list[str]:
+    """``args`` with its bare arguments gathered into one ``key=[...]`` override, each quoted so
+    that Hydra reads globs and odd characters literally."""
+    bare: list[str] = []
+    rest: list[str] = []
+    for arg in args:
+        previous = rest[-1] if rest else ""
+        flag_value = previous in _FLAGS_WITH_VALUE or (previous in ("--info", "-i") and arg in _INFO_VALUES)
+        if flag_value or arg.startswith("-") or _is_override(arg):
+            rest.append(arg)
+        else:
+            bare.append(arg)
+    if not bare:
+        return args
+    if any(re.match(rf"^(\+\+|\+)?{key}=", arg) for arg in rest):
+        raise ValueError(f"pass paths either as arguments or as {key}=[...], not both")
+    quoted = ",".join("'" + path.replace("'", "\\'") + "'" for path in bare)
+    return [*rest, f"{key}=[{quoted}]"]
 
 
 def _usage() -> str:
@@ -86,6 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
     module = importlib.import_module(f"slm_cli.commands.{COMMANDS[command][0]}")
     slm_cli.commands.PROGRAM = sys.argv[0]
+    if command in POSITIONAL:
+        try:
+            rest = positional_to_override(rest, POSITIONAL[command])
+        except ValueError as exc:
+            print(f"slm {command}: error: {exc}", file=sys.stderr)
+            return 2
     sys.argv = [f"slm {command}", *rest]
     try:
         try:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig
 
 from slm_cli.errors import SlmError
 
-SCOPES = ("global", "local")  # selection.scope: see slm_cli/module.py
+SCOPES = ("global", "local")  # selection.scope: see slm_cli/selection/plan.py
 
 
 def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
@@ -22,38 +23,48 @@ def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
         raise SlmError(f"{key}={value} {rule}: {fix}")
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+# ---- the shared predicates: every value check in slm goes through these --------------------------
+def is_int(value: Any) -> bool:
+    """An integer (Python's or numpy's), not a bool (YAML's true/false are ints to Python)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _is_num(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def fraction(key: str, value: Any, *, closed: bool = False, example: str = "0.6") -> float:
+    """A share in (0, 1), or in [0, 1] when ``closed``; else an SlmError naming ``key``."""
+    ok = is_number(value) and (0 <= value <= 1 if closed else 0 < value < 1)
+    _check(ok, key, value, f"must be in {'[0, 1]' if closed else '(0, 1)'}", f"e.g. {key}={example}")
+    return float(value)
+
+
+def positive_int_or_null(key: str, value: Any, example: int = 512) -> int | None:
+    _check(value is None or (is_int(value) and value > 0), key, value, "must be a positive integer or null",
+           f"e.g. {key}={example}")
+    return None if value is None else int(value)
 
 
 def positive_int(section: DictConfig, prefix: str, key: str, fix: str) -> None:
     value = section[key]
-    _check(_is_int(value) and value > 0, f"{prefix}.{key}", value, "must be a positive integer", fix)
+    _check(is_int(value) and value > 0, f"{prefix}.{key}", value, "must be a positive integer", fix)
 
 
 def check_data(data: DictConfig) -> None:
     positive_int(data, "data", "batch_size", "pass e.g. data.batch_size=16")
-    _check(data.source in ("stdlib", "files", "hub"), "data.source", data.source,
-           "is not a known source", "use stdlib, files (data=text) or hub")
-    if data.source == "files":
-        _check(bool(data.path), "data.path", data.path, "is not set", "pass data.path=<file, folder or glob>")
-    if data.source == "hub":
-        _check(bool(data.hub_name), "data.hub_name", data.hub_name, "is not set", "pass data.hub_name=<dataset>")
+    # data.source, data.sample_by and the source's own keys are checked where they are read
+    # (slm_cli/data/sources.py).
     vf = data.val_fraction
-    _check(_is_num(vf) and 0 < vf < 1, "data.val_fraction", vf, "must be in (0, 1)", "e.g. data.val_fraction=0.05")
-    _check(data.sample_by in ("document", "paragraph", "line"), "data.sample_by", data.sample_by,
-           "is not known", "use document, paragraph or line")
+    _check(is_number(vf) and 0 < vf < 1, "data.val_fraction", vf, "must be in (0, 1)", "e.g. data.val_fraction=0.05")
     if data.tokenizer == "bpe":
         v = data.vocab_size
-        _check(_is_int(v) and 257 <= v <= 2**32 - 1, "data.vocab_size", v, "must be an integer >= 257 (256 bytes + EOS)",
+        _check(is_int(v) and 257 <= v <= 2**32 - 1, "data.vocab_size", v, "must be an integer >= 257 (256 bytes + EOS)",
                "e.g. data.vocab_size=4096")
     if data.max_bytes is not None:
         positive_int(data, "data", "max_bytes", "pass a positive byte count or null")
-    _check(_is_int(data.num_workers) and data.num_workers >= 0, "data.num_workers", data.num_workers,
+    _check(is_int(data.num_workers) and data.num_workers >= 0, "data.num_workers", data.num_workers,
            "must be an integer >= 0", "e.g. data.num_workers=0")
 
 
@@ -62,26 +73,26 @@ def check_model(model: DictConfig) -> None:
         positive_int(model, "model", key, f"pass a positive integer for model.{key}")
     _check(model.n_embd % model.n_head == 0, "model.n_embd", model.n_embd,
            f"is not divisible by model.n_head={model.n_head}", "choose n_embd = n_head * head_dim")
-    _check(_is_num(model.dropout) and 0 <= model.dropout < 1, "model.dropout", model.dropout,
+    _check(is_number(model.dropout) and 0 <= model.dropout < 1, "model.dropout", model.dropout,
            "must be in [0, 1)", "e.g. model.dropout=0.0")
     if model.vocab_size is not None:
         positive_int(model, "model", "vocab_size", "or leave model.vocab_size=null to use the tokenizer's")
 
 
 def check_optim(optim: DictConfig) -> None:
-    _check(_is_num(optim.lr) and optim.lr > 0, "optim.lr", optim.lr, "must be > 0", "pass e.g. optim.lr=6e-4")
-    _check(_is_num(optim.weight_decay) and optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay,
+    _check(is_number(optim.lr) and optim.lr > 0, "optim.lr", optim.lr, "must be > 0", "pass e.g. optim.lr=6e-4")
+    _check(is_number(optim.weight_decay) and optim.weight_decay >= 0, "optim.weight_decay", optim.weight_decay,
            "must be >= 0", "e.g. optim.weight_decay=0.1")
-    _check(_is_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps,
+    _check(is_int(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", optim.warmup_steps,
            "must be an integer >= 0", "e.g. optim.warmup_steps=100")
-    _check(_is_num(optim.min_lr_ratio) and 0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio",
+    _check(is_number(optim.min_lr_ratio) and 0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio",
            optim.min_lr_ratio, "must be in [0, 1]", "e.g. optim.min_lr_ratio=0.1")
-    _check(_is_num(optim.grad_clip) and optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip,
+    _check(is_number(optim.grad_clip) and optim.grad_clip >= 0, "optim.grad_clip", optim.grad_clip,
            "must be >= 0", "use 0 to disable clipping")
     if optim.decay_steps is not None:
         positive_int(optim, "optim", "decay_steps", "or leave optim.decay_steps=null to decay until trainer.max_steps")
     betas = list(optim.betas)
-    _check(len(betas) == 2 and all(_is_num(b) and 0 <= b < 1 for b in betas), "optim.betas", betas,
+    _check(len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas), "optim.betas", betas,
            "must be two numbers in [0, 1)", "e.g. optim.betas=[0.9,0.95]")
 
 
@@ -95,6 +106,8 @@ def check_trainer(trainer: DictConfig) -> None:
         positive_int(trainer, "trainer", key, f"pass a positive integer for trainer.{key}")
     _check(isinstance(trainer.compile, bool), "trainer.compile", trainer.compile, "must be true or false",
            "e.g. trainer.compile=true")
+    _check(isinstance(trainer.export_at_end, bool), "trainer.export_at_end", trainer.export_at_end,
+           "must be true or false", "e.g. trainer.export_at_end=true")
     import torch
 
     if trainer.accelerator in GPU_ACCELERATORS and not torch.cuda.is_available():
@@ -108,6 +121,7 @@ def check_trainer(trainer: DictConfig) -> None:
 
 def check_loss(loss: DictConfig) -> None:
     positive_int(loss, "loss", "chunk_size", "e.g. loss.chunk_size=4096")
+    positive_int(loss, "loss", "max_target_mb", "e.g. loss.max_target_mb=2048")
 
 
 def check_train(cfg: DictConfig) -> None:
@@ -117,6 +131,6 @@ def check_train(cfg: DictConfig) -> None:
     check_optim(cfg.optim)
     check_trainer(cfg.trainer)
     check_loss(cfg.loss)
-    _check(_is_int(cfg.seed), "seed", cfg.seed, "must be an integer", "e.g. seed=1337")
+    _check(is_int(cfg.seed), "seed", cfg.seed, "must be an integer", "e.g. seed=1337")
     _check(cfg.selection.scope in SCOPES, "selection.scope", cfg.selection.scope, "is not known",
            f"use one of {', '.join(SCOPES)}")

@@ -20,8 +20,12 @@ Throughput and MFU are measured elsewhere (Lightning's ThroughputMonitor) from t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from slm_cli.model.gpt import GPTConfig
+
+if TYPE_CHECKING:
+    import torch
 
 
 def matmul_params(cfg: GPTConfig) -> int:
@@ -87,3 +91,28 @@ def step_flops(
 def saved_frac(flops: float, clm: float) -> float:
     """Fraction of CLM's FLOPs saved: 1 − flops/clm (0 when clm is 0)."""
     return 0.0 if clm == 0 else 1.0 - flops / clm
+
+
+def hf_matmul_params(model: torch.nn.Module) -> int:
+    """N of a Hugging Face model: every ≥2-D parameter outside embedding lookups, plus the output
+    head once (tied to the input embedding or not)."""
+    import torch
+
+    seen: set[int] = set()
+    n = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.dim() >= 2 and id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    head = model.get_output_embeddings().weight
+    return n + (head.numel() if id(head) not in seen else 0)
+
+
+def hf_forward_flops_per_token(model: torch.nn.Module, context: int) -> float:
+    """The forward analogue of :func:`flops_per_token` for a Hugging Face model: 2·N + 4·L·T·d
+    (QKᵀ and AV) with T = ``context``."""
+    config = model.config
+    return float(2 * hf_matmul_params(model) + 4 * config.num_hidden_layers * context * config.hidden_size)

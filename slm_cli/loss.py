@@ -10,7 +10,7 @@ Two steps, with the selection strategy (elsewhere) in between:
 2. :func:`weighted_loss` returns Σ_j w_j·CE(y_j, p_j) with a custom backward that touches only
    rows with w_j ≠ 0.
 
-Cost model (docs/METHODS.md, "Realising the head savings"), in units of the head's forward
+Cost model (docs/methods.md, "Realising the head savings"), in units of the head's forward
 matmul M·d·Vp, with keep ratio k = |{j : w_j ≠ 0}| / M:
 
 - plain autograd on a masked loss: 3 (forward; grad-input and grad-weight over all M rows);
@@ -25,6 +25,8 @@ backward shrinks. :mod:`slm_cli.flops` counts FLOPs with the same model.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +39,10 @@ class TokenStats:
     loss: Tensor  # (M,) float32, −log p(label), detached
     lse: Tensor  # (M,) float32, log Σ_v exp(logit_v)
     entropy: Tensor | None = None  # (M,) float32, −Σ_v p_v log p_v
-    probs: Tensor | None = None  # (M, Vp) float32 softmax, kept for weighted_loss's backward
+    # (M, Vp) float32 softmax, kept for weighted_loss's backward. weighted_loss takes it over: its
+    # backward overwrites the selected rows in place (no (k·M, Vp) copy when every row is kept),
+    # so weighted_loss sets this field to None and nothing can read a consumed buffer.
+    probs: Tensor | None = None
 
 
 @dataclass
@@ -56,6 +61,27 @@ class SparseTargets:
 
 def _row_chunks(n: int, chunk_size: int) -> range:
     return range(0, n, max(1, chunk_size))
+
+
+def _fill_chunk(make_logits: Callable[[], Tensor], labels: Tensor, rows: slice, loss: Tensor, lse: Tensor,
+                ent: Tensor | None, probs: Tensor | None) -> None:
+    """Per-row statistics of one float32 (chunk, Vp) block of logits, written at ``rows``. The
+    block is made here (not passed in) so that it can be freed before ``p`` is allocated."""
+    logits = make_logits()
+    label_logit = logits.gather(1, labels[rows, None]).squeeze(1)
+    # One fused log-softmax pass gives the loss, the log-sum-exp and (exponentiated) p.
+    logp = torch.log_softmax(logits, dim=-1)
+    del logits  # free this chunk's logits before p (or the next chunk) allocates its own
+    label_logp = logp.gather(1, labels[rows, None]).squeeze(1)
+    loss[rows] = -label_logp
+    lse[rows] = label_logit - label_logp  # log-sum-exp = logit_y − log p_y
+    if ent is not None or probs is not None:
+        # exp(log p) is written straight into the kept buffer: no extra (chunk, Vp) copy.
+        p = torch.exp(logp, out=probs[rows]) if probs is not None else logp.exp()
+        if ent is not None:
+            # H = −Σ_v p_v·log p_v as a batched mat-vec: no (chunk, Vp) product tensor, and
+            # several times faster on CPU than linalg.vecdot over rows this long.
+            ent[rows] = -torch.matmul(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
 
 
 @torch.no_grad()
@@ -82,24 +108,56 @@ def token_stats(
     probs = hidden.new_empty(M, weight.shape[0], dtype=torch.float32) if keep_probs else None
     for s in _row_chunks(M, chunk_size):
         rows = slice(s, s + chunk_size)
-        logits = (hidden[rows] @ w.T).float()
-        label_logit = logits.gather(1, labels[rows, None]).squeeze(1)
-        # One fused log-softmax pass gives the loss, the log-sum-exp and (exponentiated) p.
-        logp = torch.log_softmax(logits, dim=-1)
-        del logits  # free this chunk's logits before the next chunk allocates its own
-        label_logp = logp.gather(1, labels[rows, None]).squeeze(1)
-        loss[rows] = -label_logp
-        lse[rows] = label_logit - label_logp  # log-sum-exp = logit_y − log p_y
-        if ent is not None or probs is not None:
-            # exp(log p) is written straight into the kept buffer: no extra (chunk, Vp) copy.
-            p = torch.exp(logp, out=probs[rows]) if probs is not None else logp.exp()
-            if ent is not None:
-                # H = −Σ_v p_v·log p_v as a batched mat-vec: no (chunk, Vp) product tensor, and
-                # several times faster on CPU than linalg.vecdot over rows this long.
-                ent[rows] = -torch.matmul(p.unsqueeze(1), logp.unsqueeze(2)).view(-1)
-            del p
-        del logp
+        _fill_chunk(lambda rows=rows: (hidden[rows] @ w.T).float(), labels, rows, loss, lse, ent, probs)
     return TokenStats(loss=loss, lse=lse, entropy=ent, probs=probs)
+
+
+@torch.no_grad()
+def logits_stats(logits: Tensor, labels: Tensor, *, entropy: bool = True) -> TokenStats:
+    """The statistics of :func:`token_stats` from ready (M, V) logits (a Hugging Face model's
+    output), in float32 row chunks of about 64 MB so that the float32 copy stays bounded."""
+    M = logits.shape[0]
+    chunk_size = max(1, (1 << 24) // logits.shape[1])
+    loss = torch.empty(M, dtype=torch.float32, device=logits.device)
+    lse = torch.empty_like(loss)
+    ent = torch.empty_like(loss) if entropy else None
+    for s in _row_chunks(M, chunk_size):
+        rows = slice(s, s + chunk_size)
+        _fill_chunk(lambda rows=rows: logits[rows].float(), labels, rows, loss, lse, ent, None)
+    return TokenStats(loss=loss, lse=lse, entropy=ent)
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean loss), capped so that a diverged loss reports a huge number, not an overflow."""
+    return math.exp(min(loss, 700.0))
+
+
+# Rows × target entries gathered at once by the soft-target loss, per row of loss.chunk_size: the
+# gathered W rows take at most SOFT_BLOCK · chunk_size · d floats, whatever the target's width K.
+SOFT_BLOCK = 16
+
+
+def _soft_ce(hidden: Tensor, weight: Tensor, lse: Tensor, rows: Tensor, target_ids: Tensor,
+             target_probs: Tensor, chunk_size: int) -> Tensor:
+    """CE(y_j, p_j) = Σ_k y_jk·(lse_j − h_j·W_{id_jk}) for the given rows.
+
+    Gathering the K target rows of W costs M·K·d, not M·d·Vp; blocks of (rows, entries) keep the
+    gathered (rows, entries, d) tensor bounded by SOFT_BLOCK · chunk_size · d floats, so a wide
+    target (AllNTs: K = the most continuations of any context in the batch) costs more time, not
+    unbounded memory."""
+    n, width = rows.numel(), target_ids.shape[1]
+    budget = SOFT_BLOCK * chunk_size
+    per_row = min(width, budget)  # entries per block
+    block_rows = max(1, min(chunk_size, budget // per_row))
+    ce = hidden.new_zeros(n, dtype=torch.float32)
+    for s in _row_chunks(n, block_rows):
+        r = rows[s : s + block_rows]
+        h = hidden[r].float()
+        for k in range(0, width, per_row):
+            ids, y = target_ids[r, k : k + per_row], target_probs[r, k : k + per_row].float()
+            logit_t = torch.einsum("md,mkd->mk", h, weight[ids].float())
+            ce[s : s + block_rows] += (y * (lse[r, None] - logit_t)).sum(-1)
+    return ce
 
 
 class _WeightedHeadCE(torch.autograd.Function):
@@ -127,14 +185,7 @@ class _WeightedHeadCE(torch.autograd.Function):
         if target_ids is None:
             value = (weights[rows] * loss[rows]).sum()  # the one-hot CE is already in stats.loss
         else:
-            # log p_j(v) = h_j·W_v − lse_j: gathering the K target rows of W costs M·K·d, not M·d·Vp.
-            ce = hidden.new_zeros(rows.numel(), dtype=torch.float32)
-            for s in _row_chunks(rows.numel(), chunk_size):
-                r = rows[s : s + chunk_size]
-                logit_t = torch.einsum("md,mkd->mk", hidden[r].float(), weight[target_ids[r]].float())
-                y = target_probs[r].float()
-                ce[s : s + chunk_size] = (y * (lse[r, None] - logit_t)).sum(-1)
-            value = (weights[rows] * ce).sum()
+            value = (weights[rows] * _soft_ce(hidden, weight, lse, rows, target_ids, target_probs, chunk_size)).sum()
         ctx.save_for_backward(hidden, weight, labels, weights, rows, probs, target_ids, target_probs)
         ctx.chunk_size = chunk_size
         # Replay the caller's autocast state in backward (what torch.amp.custom_bwd does), so that
@@ -163,10 +214,10 @@ class _WeightedHeadCE(torch.autograd.Function):
                 else:
                     y = target_probs[r].float()
                     coef = scale * y.sum(-1)
-                # store mode reads the softmax kept by token_stats (never modified: stats stay
-                # valid); recompute mode pays one more (k·M, d) × (d, Vp) matmul here.
+                # store mode consumes the softmax kept by token_stats, in place (weighted_loss
+                # took it over from the caller's TokenStats); recompute mode pays one more
+                # (k·M, d) × (d, Vp) matmul here.
                 if probs is not None:
-                    # In place: the kept softmax is consumed here (it is not read after backward).
                     G = probs[r].mul_(coef[:, None])
                 else:
                     G = torch.softmax((h @ w.T).float(), dim=-1).mul_(coef[:, None])
@@ -202,8 +253,10 @@ def weighted_loss(
     divided by the global count across ranks/micro-batches if need be). ``stats`` must come from
     :func:`token_stats` on the same ``hidden``/``weight``; with ``stats.probs`` the backward reuses
     it (store mode), otherwise it recomputes the kept rows' logits (recompute mode). The full
-    logits are never recomputed.
+    logits are never recomputed. The kept softmax is consumed by the backward: ``stats.probs`` is
+    None on return (the other fields stay valid).
     """
+    probs, stats.probs = stats.probs, None
     return _WeightedHeadCE.apply(
         hidden,
         weight,
@@ -211,7 +264,7 @@ def weighted_loss(
         weights,
         stats.loss,
         stats.lse,
-        stats.probs,
+        probs,
         None if targets is None else targets.ids,
         None if targets is None else targets.probs,
         chunk_size,

@@ -5,21 +5,13 @@ One optimizer step per batch: the batch holds `accumulate_grad_batches` micro-ba
 accumulation here, rather than in Lightning, keeps every micro-batch of a step in one place, which
 is where a selection over the whole step belongs.
 
-selection.scope (docs/scaling.md):
-
-- ``global`` (default): one selection over the global batch, every micro-batch on every device,
-  from features gathered across devices; each selected token weighs world_size / |S| with |S|
-  counted over the global batch (DDP and FSDP average gradients over devices), so the update is
-  the one a single device computes on the whole batch. With one micro-batch per step the
-  features are gathered inside the forward; with several, a forward without gradients scores
-  them all first (:meth:`SLMModule._score`).
-- ``local``: each micro-batch selects on its own and is a mean over its own selection; the step
-  averages micro-batches and devices. No extra pass and no gathering (except for adaptive state).
+Where the strategy selects (selection.scope: the global batch or one micro-batch) is planned by
+slm_cli/selection/plan.py; this module only runs the micro-batches through it.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,13 +21,16 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from slm_cli import flops, optim, parallel
+from slm_cli import distributed, flops, optim
 from slm_cli.errors import SlmError
-from slm_cli.loss import token_stats, weighted_loss
+from slm_cli.loss import perplexity, token_stats, weighted_loss
 from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.selection.base import Selection
-from slm_cli.targets.base import Target
-from slm_cli.targets.onehot import OneHot
+from slm_cli.selection.plan import Devices, Planner, StepSelection
+from slm_cli.target.base import Target
+from slm_cli.target.onehot import OneHot
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 COUNTERS = ("train_tokens", "selected_tokens", "flops_nominal", "flops_realized", "flops_clm")
@@ -48,16 +43,6 @@ class MicroOutput:
     token_loss: Tensor  # (M,) per-token CE, detached (logged as train/loss_all)
     selected: Tensor  # () number of this micro-batch's tokens with nonzero weight
     features: dict[str, Tensor]  # the strategy's features: this micro-batch's (local scope) or the global batch's
-    metrics: dict[str, float]
-
-
-@dataclass
-class StepSelection:
-    """A selection: over the whole global batch (scope=global), or over one micro-batch (local)."""
-
-    masks: list[Tensor]  # this device's mask of each micro-batch
-    scale: Tensor  # weight of a selected token: world_size / |S| (DDP and FSDP average over devices)
-    features: dict[str, Tensor]  # the features selected on (global batch; local scope: the micro-batch)
     metrics: dict[str, float]
 
 
@@ -86,6 +71,7 @@ class SLMModule(L.LightningModule):
         self.selection = selection
         self.target = target or OneHot()
         self.scope = scope
+        self.planner = Planner(selection, scope, accumulate_grad_batches, chunk_size)
         self.max_steps = max_steps
         self.accumulate = accumulate_grad_batches
         self.chunk_size = chunk_size
@@ -110,36 +96,11 @@ class SLMModule(L.LightningModule):
         self._configured = True
         if self.device_mesh is not None:  # trainer=fsdp (ModelParallelStrategy)
             bf16 = str(self.trainer.precision).startswith("bf16")
-            parallel.shard(self.model, self.device_mesh, mixed_precision=torch.bfloat16 if bf16 else None)
+            distributed.shard(self.model, self.device_mesh, mixed_precision=torch.bfloat16 if bf16 else None)
         if self.compile:
-            parallel.compile_blocks(self.model)
+            distributed.compile_blocks(self.model)
 
     # ---- training -------------------------------------------------------------------------
-    def _gather(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Features of every device, concatenated in rank order: rank r holds rows [r·b, (r+1)·b)
-        of the global batch (StepSampler), so this is the global batch's order, as on one device."""
-        if self.trainer.world_size == 1:
-            return features
-        return {k: self.all_gather(v.contiguous()).reshape(-1) for k, v in features.items()}
-
-    def _select_global(self, features: list[dict[str, Tensor]]) -> StepSelection:
-        """One selection over the features of this device's micro-batches and every other device's."""
-        local = {k: torch.cat([f[k] for f in features]) for k in features[0]}
-        everyone = self._gather(local)
-        selected = self.selection.select(everyone)
-        rank, m = self.trainer.global_rank, local["loss"].numel()
-        mine = selected.mask[rank * m : (rank + 1) * m]
-        count = selected.mask.sum().clamp_min(1)  # a tensor: no host sync here
-        return StepSelection(masks=list(mine.split([f["loss"].numel() for f in features])),
-                             scale=self.trainer.world_size / count, features=everyone, metrics=selected.metrics)
-
-    def _select_local(self, features: dict[str, Tensor]) -> StepSelection:
-        """scope=local: this micro-batch alone, a mean over its own selection; the step averages
-        the micro-batches (here) and the devices (DDP/FSDP)."""
-        selected = self.selection.select(features)
-        scale = 1.0 / (selected.mask.sum().clamp_min(1) * self.accumulate)
-        return StepSelection(masks=[selected.mask], scale=scale, features=features, metrics=selected.metrics)
-
     def _head(self, labels: Tensor, batch: dict[str, Tensor], planned: StepSelection | None, index: int):
         """The loss as a head callable: GPT.forward hands it the final hidden states and the tied
         LM-head weight, so no B×T×V logits tensor is built outside the chunked loss.
@@ -154,10 +115,11 @@ class SLMModule(L.LightningModule):
             y = labels.reshape(-1)
             stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
                                 entropy=self.selection.needs_entropy, keep_probs=self.keep_probs)
+            loss_all = stats.loss  # read before weighted_loss, which takes over the kept softmax
             plan, part = planned, index
             if plan is None:  # select now, on this micro-batch's features
                 features = self.selection.features(stats, batch)
-                plan = self._select_global([features]) if self.scope == "global" else self._select_local(features)
+                plan = self.planner.select(features, self._devices())
                 part = 0
             mask = plan.masks[part]
             scale = plan.scale
@@ -166,26 +128,13 @@ class SLMModule(L.LightningModule):
                                  chunk_size=self.chunk_size)
             # A tuple, not a dataclass, so that FSDP2 finds the loss tensor in the output and hooks
             # its backward (it looks through tuples, not through arbitrary objects).
-            return loss, MicroOutput(token_loss=stats.loss, selected=mask.sum(), features=plan.features,
+            return loss, MicroOutput(token_loss=loss_all, selected=mask.sum(), features=plan.features,
                                      metrics=plan.metrics)
 
         return head
 
-    def _score(self, micro: list[dict[str, Tensor]]) -> StepSelection:
-        """scope=global with several micro-batches: a forward pass without gradients over every
-        micro-batch gives the features, so that one selection can see the whole global batch
-        before any backward. It costs one extra forward per step (counted in realised FLOPs);
-        keeping every micro-batch's graph instead would cost accumulate_grad_batches × the
-        activation memory, which is what accumulation exists to avoid."""
-
-        def head(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-            stats = token_stats(hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1),
-                                chunk_size=self.chunk_size, entropy=self.selection.needs_entropy, keep_probs=False)
-            return self.selection.features(stats, batch)
-
-        with torch.no_grad():
-            features = [self.model(mb["input_ids"], head=lambda h, w, mb=mb: head(h, w, mb)) for mb in micro]
-        return self._select_global(features)
+    def _devices(self) -> Devices:
+        return Devices(self.trainer.global_rank, self.trainer.world_size, self.all_gather)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         t0 = time.perf_counter()
@@ -193,8 +142,8 @@ class SLMModule(L.LightningModule):
         sched = self.lr_schedulers()
         micro = [dict(zip(batch, parts, strict=True))
                  for parts in zip(*(v.chunk(self.accumulate) for v in batch.values()), strict=True)]
-        rescored = self.scope == "global" and len(micro) > 1
-        planned = self._score(micro) if rescored else None
+        rescored = self.planner.needs_scoring_pass(len(micro))
+        planned = self.planner.plan(self.model, micro, self._devices()) if self.planner.plans_ahead(len(micro)) else None
         loss_sum = torch.zeros((), device=self.device)
         loss_all_sum = torch.zeros((), device=self.device)
         n_tokens = torch.zeros((), device=self.device)
@@ -202,7 +151,7 @@ class SLMModule(L.LightningModule):
         local_features: list[dict[str, Tensor]] = []
         out: MicroOutput | None = None
         for k, mb in enumerate(micro):
-            with parallel.gradient_sync(self.trainer, self.model, enabled=k == len(micro) - 1):
+            with distributed.gradient_sync(self.trainer, self.model, enabled=k == len(micro) - 1):
                 loss, out = self.model(mb["input_ids"], head=self._head(mb["labels"], mb, planned, k))
                 self.manual_backward(loss)
             loss_sum += loss.detach()
@@ -216,7 +165,8 @@ class SLMModule(L.LightningModule):
         if self.scope == "global":
             step_features = out.features  # the global batch's, gathered for the selection
         else:
-            step_features = self._gather({k: torch.cat([f[k] for f in local_features]) for k in local_features[0]})
+            step_features = self.planner.gather({k: torch.cat([f[k] for f in local_features]) for k in local_features[0]},
+                                                self._devices())
         sel_metrics.update(self.selection.update(step_features))
         grad_norm = optim.clip(list(self.model.parameters()), self.optim_cfg.grad_clip)
         # One host sync per step: stop before the update, so checkpoints stay finite.
@@ -292,7 +242,7 @@ class SLMModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self.val_loss, self.val_step = val_loss, self.global_step
-        self.log_dict({"val/loss": val_loss, "val/ppl": math.exp(min(val_loss, 700.0))}, prog_bar=True)
+        self.log_dict({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, prog_bar=True)
 
     # ---- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -302,13 +252,6 @@ class SLMModule(L.LightningModule):
 
     # ---- checkpoints carry what is needed to resume exactly and to evaluate alone -------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if not self.trainer.training:
-            # Saved after fit (train.py's final last.ckpt), Lightning's logging-step counter has
-            # already moved past the last step, and its restore adds one more (it expects saves
-            # from inside the step): without this, metrics of a continued run skip a step.
-            epoch_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-            if epoch_loop.get("_batches_that_stepped"):
-                epoch_loop["_batches_that_stepped"] -= 1
         checkpoint["slm"] = {
             "format_version": CHECKPOINT_FORMAT,
             "model": asdict(self.model_config),
@@ -323,6 +266,15 @@ class SLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["slm"]
         self.counters.update(state["counters"])
-        self.selection.load_state_dict(state["selection"]["state"])
+        saved = state["selection"]
+        if saved["name"] == self.selection.name:
+            self.selection.load_state_dict(saved["state"])
+        else:
+            # A new strategy on resume (a curriculum: CLM warm-up, then selection) is legitimate:
+            # the new one starts its state from its config, and the old one's state is dropped.
+            kept = self.selection.state_dict()
+            log.info(f"resuming a selection={saved['name']} checkpoint with selection={self.selection.name}: "
+                     f"its state {saved['state'] or '{}'} is not used; {self.selection.name} starts from its "
+                     f"config {kept or '{}'}")
         torch.set_rng_state(state["torch_rng"])
         self.val_loss = state.get("val_loss")

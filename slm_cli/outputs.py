@@ -47,11 +47,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+# Where an slm run dir keeps its last checkpoint (written by the training loop).
+RUN_DIR_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 SHARDED_META = "meta.pt"  # Lightning's file for the non-tensor part of a sharded checkpoint folder
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
-    """A folder written by trainer=fsdp (slm_cli.parallel.FSDPStrategy)."""
+    """A folder written by trainer=fsdp (slm_cli.distributed.FSDPStrategy)."""
     return path.is_dir() and (path / SHARDED_META).is_file()
 
 

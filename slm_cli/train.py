@@ -6,57 +6,44 @@ Like lightning-hydra-template's train.py: check the config, prepare data, instan
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from slm_cli import flops
 from slm_cli.config import check_train
 from slm_cli.data.module import SLMDataModule
-from slm_cli.data.prepare import PreparedData, prepare
+from slm_cli.data.prepare import prepare
+from slm_cli.data.prepared import PreparedData
+from slm_cli.data.windows import check_length
 from slm_cli.errors import SlmError
+from slm_cli.loss import perplexity
+from slm_cli.model.export import export
 from slm_cli.model.gpt import GPTConfig
+from slm_cli.model.hf import require_hf
+from slm_cli.model.load import init_weights
 from slm_cli.module import SLMModule
-from slm_cli.outputs import AtomicCheckpointIO, load_checkpoint, read_metrics, write_json, write_metrics
-from slm_cli.parallel import check_launcher
+from slm_cli.outputs import load_checkpoint, write_json
 from slm_cli.selection.base import Selection
-from slm_cli.targets.base import Target
+from slm_cli.target.base import Target
+from slm_cli.trainer import build_trainer
 
 log = logging.getLogger(__name__)
 
-# Deliberate choices that Lightning warns about: memmap windows need no loader workers, and the
-# loader is infinite (the run ends at trainer.max_steps).
-for _pattern in (".*does not have many workers.*", ".*The number of training batches.*",
-                 ".*`training_step` returns `None`.*", ".*on_validation_epoch_end.*sync_dist.*",
-                 # val/loss is reduced over devices by the module itself (sums, then one division)
-                 ".*when logging on epoch level in distributed.*",
-                 ".*ThroughputMonitor.*", ".*Checkpoint directory .* exists and is not empty.*",
-                 # the run dir already holds Hydra's .hydra/ and log when the CSV logger starts
-                 ".*Experiment logs directory .* exists and is not empty.*", ".*LeafSpec.*",
-                 # checkpoints are taken after the optimizer step on purpose: step<N>.ckpt holds
-                 # the state after N updates, which is what resume expects
-                 ".*ModelCheckpoint with manual optimization.*"):
-    warnings.filterwarnings("ignore", _pattern)
-
-
 def model_config(cfg: DictConfig, prepared: PreparedData) -> GPTConfig:
-    """The GPT settings for this run; the vocabulary is the tokenizer's unless set explicitly."""
+    """The GPT settings for this run (conf/model/, whose `_target_` is GPTConfig); the vocabulary
+    is the tokenizer's unless set explicitly. `name` labels the size and is not a setting."""
     vocab = prepared.vocab_size
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
         raise SlmError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                        f"({vocab}, {prepared.dir}): set model.vocab_size=null to use the tokenizer's")
-    return GPTConfig(block_size=cfg.model.block_size, vocab_size=cfg.model.vocab_size or vocab,
-                     n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, n_embd=cfg.model.n_embd,
-                     dropout=cfg.model.dropout, bias=cfg.model.bias)
+    settings = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in ("name", "vocab_size")])
+    return instantiate(settings, vocab_size=cfg.model.vocab_size or vocab)
 
 
 def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, path: str) -> None:
@@ -78,43 +65,6 @@ def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, p
     if ckpt_sha != data_sha:
         raise SlmError(f"checkpoint {path} was trained with another tokenizer than {prepared.dir}: "
                        f"prepare the data with data.tokenizer={path}")
-
-
-def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    # Hydra's job logging already prints and files every record; Lightning's own console handler
-    # would print each of its messages a second time.
-    for name in ("lightning", "lightning.pytorch"):
-        lightning_log = logging.getLogger(name)
-        for handler in list(lightning_log.handlers):
-            lightning_log.removeHandler(handler)
-        lightning_log.propagate = True
-    # Lightning advertises a cloud logger at every start; not useful in a run's log.
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: "litlogger" not in record.getMessage())
-    t = cfg.trainer
-    loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="step{step:07d}",
-                                  auto_insert_metric_name=False, every_n_train_steps=t.checkpoint_every_n_steps,
-                                  save_last=True, save_top_k=-1)
-    throughput = ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
-                                   length_fn=lambda b: b["input_ids"].numel())
-    plugins: list[Any] = [AtomicCheckpointIO()]
-    from lightning.pytorch.plugins.environments import SLURMEnvironment
-
-    if SLURMEnvironment.detect():
-        # Requeue has one owner: the submitter (submitit for hydra/launcher=slurm, the batch
-        # script for scripts/submit_slurm.sh), never Lightning as well; a requeued job resumes
-        # from its run dir's last.ckpt (resume_path).
-        plugins.append(SLURMEnvironment(auto_requeue=False))
-    strategy = instantiate(t.strategy) if isinstance(t.strategy, DictConfig) else t.strategy
-    return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, strategy=strategy,
-        precision=t.precision, max_steps=t.max_steps, val_check_interval=t.val_check_interval,
-        check_val_every_n_epoch=None, num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps,
-        logger=loggers, callbacks=[checkpoints, throughput], enable_progress_bar=t.enable_progress_bar,
-        deterministic=t.deterministic, use_distributed_sampler=False, plugins=plugins,
-        default_root_dir=run_dir, enable_model_summary=False,
-    )
 
 
 def build(component_cfg: DictConfig) -> Any:
@@ -147,16 +97,12 @@ def setup(
     cfg: DictConfig, run_dir: Path, ckpt_path: str | None
 ) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
-    check_launcher()
     check_train(cfg)
     resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
     for split in ("train", "val"):
-        n = prepared.meta[f"{split}_tokens"]
-        if n < gpt.block_size + 1:
-            raise SlmError(f"model.block_size={gpt.block_size} needs at least {gpt.block_size + 1} tokens but the "
-                           f"{split} split of {prepared.dir} has {n}: lower model.block_size or use a larger corpus")
+        check_length(prepared.meta[f"{split}_tokens"], gpt.block_size, f"the {split} split of {prepared.dir}")
     resume_step = 0
     if resume is not None:
         check_resume(resume, gpt, prepared, ckpt_path)
@@ -173,30 +119,33 @@ def setup(
         keep_probs=cfg.loss.keep_probs, compile=cfg.trainer.compile, tokenizer_json=prepared.tokenizer_path.read_text(),
         run_config=OmegaConf.to_container(cfg, resolve=True),
     )
+    token_arrays = selection.token_arrays(prepared) | target.token_arrays(prepared)
+    check_target_memory(target, cfg.data.batch_size * gpt.block_size, cfg.loss.max_target_mb)
+    if cfg.init_from:  # weights only: the optimizer, step and counters start afresh (docs/interop.md)
+        log.info(f"init_from={cfg.init_from} ignored: resuming from {ckpt_path}" if ckpt_path
+                 else init_weights(module.model, str(cfg.init_from), module.tokenizer_json))
+    if cfg.trainer.export_at_end:
+        require_hf("trainer.export_at_end=true")  # fail now, not after training
     datamodule = SLMDataModule(
         prepared, block_size=gpt.block_size, batch_size=cfg.data.batch_size, seed=cfg.seed,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, num_workers=cfg.data.num_workers,
-        val_batches=cfg.trainer.limit_val_batches, aligned=selection.aligned(prepared) | target.aligned(prepared),
+        val_batches=cfg.trainer.limit_val_batches, token_arrays=token_arrays,
+        window_grid=selection.window_grid(gpt.block_size),
     )
-    trainer = build_trainer(cfg, run_dir)
-    if resume_step and trainer.is_global_zero:
-        for logger in trainer.loggers:
-            if isinstance(logger, CSVLogger):
-                continue_metrics(logger, resume_step)
+    trainer = build_trainer(cfg, run_dir, resume_step=resume_step)
     return trainer, module, datamodule, selection, prepared
 
 
-def continue_metrics(logger: CSVLogger, step: int) -> None:
-    """A resumed run's metrics.csv keeps the rows logged before `step` (the later steps are
-    trained, and logged, again). Lightning's CSV writer deletes an existing metrics.csv when it
-    starts, so the rows are read first, written back after, and the writer is told the header so
-    that it appends to the file."""
-    path = Path(logger.log_dir) / "metrics.csv"
-    header, rows = read_metrics(path, before_step=step)
-    writer = logger.experiment  # created here: this is where Lightning deletes the file
-    if header:
-        write_metrics(path, header, rows)
-        writer.metrics_keys = header
+def check_target_memory(target: Target, rows: int, limit_mb: int) -> None:
+    """A micro-batch's (rows, K) sparse targets (int64 ids, float32 probabilities) must fit the
+    budget; AllNTs' K is the most continuations of any context, which can reach the vocabulary."""
+    entries = target.max_entries()
+    need_mb = rows * entries * 12 / 2**20
+    if need_mb > limit_mb:
+        raise SlmError(f"target={target.name} needs up to {entries} entries per token, {need_mb:,.0f} MB of targets "
+                       f"per micro-batch of {rows} tokens, above loss.max_target_mb={limit_mb}: lower data.batch_size "
+                       "(with trainer.accumulate_grad_batches to keep the global batch), use target=coconts, "
+                       "or raise loss.max_target_mb")
 
 
 def discard_unstarted(run_dir: Path) -> None:
@@ -227,12 +176,23 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_tokens": int(c["train_tokens"]),
         "selected_tokens": int(c["selected_tokens"]),
         "val_loss": module.val_loss,
-        "val_ppl": math.exp(min(module.val_loss, 700.0)),
-        "flops_total": c["flops_realized"],
+        "val_ppl": perplexity(module.val_loss),
+        # One vocabulary with the code and the logs (flops/nominal, flops/realized): nominal is the
+        # papers' accounting, realized what slm executes, clm the same tokens trained densely.
         "flops_nominal": c["flops_nominal"],
+        "flops_realized": c["flops_realized"],
+        "flops_clm": c["flops_clm"],
+        "flops_saved_frac_nominal": flops.saved_frac(c["flops_nominal"], c["flops_clm"]),
+        "flops_saved_frac_realized": flops.saved_frac(c["flops_realized"], c["flops_clm"]),
+        # RHO-1's offline reference scoring (slm score), spent once over the whole corpus; the
+        # second fraction charges it to this run, so RHO-1 compares with ESLM on one basis.
+        "flops_reference_scoring": selection.scoring_flops(),
+        "flops_saved_frac_nominal_incl_scoring": flops.saved_frac(c["flops_nominal"] + selection.scoring_flops(),
+                                                                  c["flops_clm"]),
+        # Earlier names of the same figures, kept so that existing analysis scripts keep working.
+        "flops_total": c["flops_realized"],
         "flops_clm_equivalent": c["flops_clm"],
         "flops_saved_frac": flops.saved_frac(c["flops_nominal"], c["flops_clm"]),
-        "flops_saved_frac_realized": flops.saved_frac(c["flops_realized"], c["flops_clm"]),
         "train_tokens_per_s": module.tokens_this_run / module.train_seconds if module.train_seconds else 0.0,
         "wall_s": time.perf_counter() - t_start,
         "selection": selection.name,
@@ -244,6 +204,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     if trainer.is_global_zero:
         write_json(run_dir / "summary.json", summary)
+        if cfg.trainer.export_at_end:
+            log.info(f"exported the final model to {export(last, run_dir / 'hf', replace=True)}")
         print(f"run: {run_dir}\nval_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
               f"steps {summary['steps']}  tokens {summary['train_tokens']}  "
               f"{summary['train_tokens_per_s']:.0f} tokens/s  wall {summary['wall_s']:.0f}s")

@@ -21,25 +21,14 @@ from omegaconf import DictConfig, OmegaConf
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.utils.data import DataLoader
 
-from slm_cli.data import (
-    StepSampler,
-    TrainWindows,
-    ValWindows,
-    eos_id,
-    load_documents,
-    load_prepared,
-    load_tokenizer,
-    prepare,
-    sample_starts,
-    source_fingerprint,
-    source_name,
-    token_dtype,
-    tokenizer_sha256,
-    train_bpe,
-)
+from slm_cli.data.prepare import prepare
+from slm_cli.data.prepared import load_prepared, token_dtype
+from slm_cli.data.sources import load_documents, source_fingerprint, source_name
+from slm_cli.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_bpe
+from slm_cli.data.windows import StepSampler, TrainWindows, ValWindows, sample_starts
 from slm_cli.errors import SlmError
 
-# `slm_cli.data.prepare` the module (for monkeypatching), not the re-exported function of that name.
+# `slm_cli.data.prepare` the module (for monkeypatching), not the function of that name.
 prepare_mod = importlib.import_module("slm_cli.data.prepare")
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
@@ -459,7 +448,7 @@ def test_sample_starts() -> None:
 
 def test_train_windows(tokens: np.memmap) -> None:
     scores = np.random.default_rng(1).random(len(tokens), dtype=np.float32)
-    ds = TrainWindows(tokens, block_size=32, seed=3, aligned={"score": scores})
+    ds = TrainWindows(tokens, block_size=32, seed=3, token_arrays={"score": scores})
     indices = np.array([5, 0, 99, 123_456], dtype=np.int64)
     batch = ds[indices]
     starts = sample_starts(3, indices, len(tokens), 32)
@@ -471,7 +460,7 @@ def test_train_windows(tokens: np.memmap) -> None:
     assert batch["input_ids"].dtype == batch["labels"].dtype == batch["positions"].dtype == torch.int64
     assert torch.equal(batch["input_ids"][:, 1:], batch["labels"][:, :-1])
     with pytest.raises(SlmError, match="per-token array 'score'"):
-        TrainWindows(tokens, 32, 0, aligned={"score": scores[:-1]})
+        TrainWindows(tokens, 32, 0, token_arrays={"score": scores[:-1]})
 
     loader = DataLoader(ds, sampler=StepSampler(rows_per_step=4, start_step=2), batch_size=None)
     step2 = next(iter(loader))

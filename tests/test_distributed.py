@@ -142,3 +142,48 @@ def test_compiled_blocks_train_the_same_model(eslm_runs: dict[str, Path], tiny_d
     train(tmp_path / "compiled", tiny_data, "selection=eslm", "trainer.compile=true", *COMMON, *SPLITS["one"],
           cwd=tmp_path)
     assert max_diff(params(tmp_path / "compiled"), params(eslm_runs["one"])) < 1e-5
+
+
+# ---- every strategy, not only ESLM: random (no model features) and rho1 (reference features) ----
+STRATEGIES = {
+    "random": ["selection=random"],
+    # online RHO-1 with the one-process ESLM run as its reference (the same tokenizer as the data)
+    "rho1": ["selection=rho1", "selection.reference.mode=online"],
+}
+
+
+@pytest.fixture(scope="module")
+def strategy_runs(eslm_runs: dict[str, Path], tiny_data: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    root = tmp_path_factory.mktemp("strategies")
+    reference = eslm_runs["one"] / "checkpoints" / "last.ckpt"
+    runs = {}
+    for strategy, overrides in STRATEGIES.items():
+        extra = [f"selection.reference.ckpt_path={reference}"] if strategy == "rho1" else []
+        for split in ("one", "accumulate", "ddp"):
+            runs[strategy, split] = root / f"{strategy}_{split}"
+            train(runs[strategy, split], tiny_data, *overrides, *extra, *COMMON, *SPLITS[split], cwd=root)
+    return runs
+
+
+@pytest.mark.parametrize("split", ["accumulate", "ddp"])
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_every_strategy_is_the_same_on_any_split(strategy_runs: dict[tuple[str, str], Path], strategy: str,
+                                                 split: str) -> None:
+    one, other = strategy_runs[strategy, "one"], strategy_runs[strategy, split]
+    diff = max_diff(params(other), params(one))
+    assert diff < 1e-5, f"{strategy} {split}: parameters differ from the one-process run by {diff}"
+    a, b = (json.loads((run / "summary.json").read_text()) for run in (one, other))
+    assert (b["selected_tokens"], b["flops_nominal"]) == (a["selected_tokens"], a["flops_nominal"])
+
+
+def test_strategies_that_do_not_read_the_model_pay_no_scoring_pass(
+        strategy_runs: dict[tuple[str, str], Path], tiny_data: Path, tmp_path: Path) -> None:
+    """CLM and random select from the batch alone: with accumulation under global scope their
+    realised FLOPs are those of one process (for CLM: equal to CLM's, nothing saved, nothing
+    added), while ESLM, which reads the model, pays its scoring pass (see above)."""
+    clm = train(tmp_path / "clm", tiny_data, "selection=clm", *COMMON, *SPLITS["accumulate"], cwd=tmp_path)
+    assert clm["flops_realized"] == clm["flops_clm"] == clm["flops_nominal"]
+    assert clm["flops_saved_frac_realized"] == 0.0
+    one, acc = (json.loads((strategy_runs["random", s] / "summary.json").read_text()) for s in ("one", "accumulate"))
+    assert acc["flops_realized"] == one["flops_realized"] < one["flops_clm"]

@@ -11,7 +11,15 @@ from slm_cli.flops import (
     step_flops,
 )
 from slm_cli.loss import token_stats, weighted_loss
-from slm_cli.model import GPT, GPTConfig
+from slm_cli.model.gpt import GPT, GPTConfig
+
+
+def counted_flops(run) -> int:
+    """FLOPs FlopCounterMode sees while ``run()`` executes (math attention, which it can count)."""
+    # CPU's fused attention kernel has no FlopCounterMode formula (it counts 0); the math path does.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def counted_step_flops(cfg: GPTConfig, B: int, selected: int, keep_probs: bool = True) -> int:
@@ -28,10 +36,7 @@ def counted_step_flops(cfg: GPTConfig, B: int, selected: int, keep_probs: bool =
         stats = token_stats(h, w, labels, chunk_size=50, keep_probs=keep_probs)
         return weighted_loss(h, w, labels, weights, stats, chunk_size=50)
 
-    # CPU's fused attention kernel has no FlopCounterMode formula (it counts 0); the math path does.
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(idx, head=head).backward()
-    return counter.get_total_flops()
+    return counted_flops(lambda: model(idx, head=head).backward())
 
 
 def test_matmul_params_and_per_token():

@@ -3,6 +3,7 @@ import torch
 
 from slm_cli.errors import SlmError
 from slm_cli.model import GPT, GPTConfig, padded_vocab_size
+from slm_cli.model.hf import hf_state_dict
 
 
 def small_config(**kw) -> GPTConfig:
@@ -119,7 +120,7 @@ def expected_hf_shapes(V: int, T: int, d: int) -> dict[str, tuple[int, ...]]:
 def test_hf_state_dict(bias: bool):
     torch.manual_seed(0)
     m = GPT(small_config(n_layer=1, bias=bias))
-    sd = m.hf_state_dict()
+    sd = hf_state_dict(m)
     assert {k: tuple(v.shape) for k, v in sd.items()} == expected_hf_shapes(100, 16, 32)
     fc = m.transformer.h[0].mlp.c_fc
     torch.testing.assert_close(sd["transformer.h.0.mlp.c_fc.weight"], fc.weight.T)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slm_cli.data.prepare import PreparedData, load_prepared
+from slm_cli.data.prepared import PreparedData, load_prepared
 from slm_cli.errors import SlmError
 from slm_cli.ngram import build as ngram_build
-from slm_cli.ngram import build_ngram, load_ngram, ngram_dir, write_ngram
+from slm_cli.ngram.build import build_ngram, load_ngram, ngram_dir, write_ngram
 from tests.helpers import TINY_DATA, ok, slm
 from tests.test_errors import fails
 
@@ -182,7 +182,7 @@ def test_a_failed_build_leaves_no_meta(tmp_path: Path, monkeypatch: pytest.Monke
     def crash(*args: object) -> None:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(ngram_build, "_pack_context", crash)  # fails while writing the rows
+    monkeypatch.setattr(ngram_build, "pack_context", crash)  # fails while writing the rows
     with pytest.raises(RuntimeError, match="disk full"):
         write_ngram(prepared, 2, 2, force=True, progress=False)
     assert not (folder / "meta.json").exists()

@@ -44,7 +44,7 @@ def test_kept_count_is_ceil_of_keep_fraction(m, alpha):
     keep = 1 - Fraction(alpha)
     loss = torch.rand(m, generator=torch.Generator().manual_seed(m))
     eslm = ESLM(alpha=float(alpha)).select_step(stats_of(loss), {})
-    rand = Random(ratio=float(keep)).select_step(stats_of(loss), {})
+    rand = Random(ratio=float(keep)).select_step(None, {"positions": torch.arange(m)})
     assert int(eslm.mask.sum()) == ceil_keep(keep, m)
     assert int(rand.mask.sum()) == ceil_keep(keep, m)
     assert eslm.mask.dtype == rand.mask.dtype == torch.bool and eslm.mask.shape == rand.mask.shape == (m,)
@@ -121,7 +121,7 @@ def test_eslm_threshold_is_var_when_alpha_m_is_not_integral(m, alpha):
     loss = torch.rand(m, generator=torch.Generator().manual_seed(m))
     out = ESLM(alpha=float(a)).select_step(stats_of(loss), {})
     losses = loss.tolist()
-    var = min(s for s in losses if sum(x <= s for x in losses) >= a * m)  # METHODS.md's VaR_α
+    var = min(s for s in losses if sum(x <= s for x in losses) >= a * m)  # docs/methods.md's VaR_α
     assert out.metrics["threshold"] == var
     assert kept(out.mask) == {j for j, x in enumerate(losses) if x >= var}
 
@@ -226,13 +226,17 @@ def test_ada_eslm_entropy_ranks_tokens_but_easy_frac_uses_loss():
 
 
 # ---- Random -------------------------------------------------------------------------------------
+def positions(seed: int, m: int) -> dict[str, torch.Tensor]:
+    """A batch's stream positions: what Random draws from (windows at random offsets)."""
+    return {"positions": torch.randperm(10 * m, generator=torch.Generator().manual_seed(seed))[:m]}
+
+
 def test_random_is_uniform_over_positions():
     m, ratio, draws = 50, 0.3, 2000
-    strategy, stats = Random(ratio=ratio), stats_of(torch.zeros(m))
-    torch.manual_seed(0)
+    strategy = Random(ratio=ratio)
     counts = torch.zeros(m)
-    for _ in range(draws):
-        mask = strategy.select_step(stats, {}).mask
+    for draw in range(draws):
+        mask = strategy.select_step(None, positions(draw, m)).mask
         assert int(mask.sum()) == 15
         counts += mask
     freq = counts / draws
@@ -241,17 +245,25 @@ def test_random_is_uniform_over_positions():
     assert freq.mean().item() == pytest.approx(ratio)
 
 
-def test_random_is_reproducible_from_torch_cpu_rng():
-    strategy, stats = Random(ratio=0.6), stats_of(torch.rand(100))
-    torch.manual_seed(123)
-    a = strategy.select_step(stats, {}).mask
-    state = torch.get_rng_state()  # what a checkpoint saves
-    b = strategy.select_step(stats, {}).mask
-    torch.manual_seed(123)
-    assert torch.equal(strategy.select_step(stats, {}).mask, a)
-    torch.set_rng_state(state)
-    assert torch.equal(strategy.select_step(stats, {}).mask, b)
-    assert not torch.equal(a, b)
+def test_random_is_a_function_of_the_positions_alone():
+    """The same tokens give the same subset whatever torch's RNG holds (so resume needs no state);
+    other tokens (another device's, another micro-batch's under scope=local) another subset."""
+    strategy = Random(ratio=0.6)
+    torch.manual_seed(1)
+    a = strategy.select_step(None, positions(7, 100)).mask
+    torch.manual_seed(2)
+    torch.rand(5)
+    assert torch.equal(strategy.select_step(None, positions(7, 100)).mask, a)
+    rank1 = strategy.select_step(None, {"positions": positions(7, 100)["positions"] + 1}).mask
+    assert not torch.equal(rank1, a)
+
+
+def test_non_finite_scores_are_a_one_line_error():
+    loss = torch.rand(20)
+    loss[3] = float("nan")
+    one_line_error(lambda: ESLM(alpha=0.5).select_step(stats_of(loss), {}), "1 of 20 selection scores are NaN")
+    loss[3] = float("inf")
+    one_line_error(lambda: ESLM(alpha=0.5).select_step(stats_of(loss), {}), "NaN or infinite")
 
 
 # ---- bad input ----------------------------------------------------------------------------------

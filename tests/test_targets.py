@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slm_cli.data.prepare import load_prepared
+from slm_cli.data.prepared import load_prepared
 from slm_cli.data.windows import TrainWindows
 from slm_cli.errors import SlmError
 from slm_cli.loss import token_stats, weighted_loss
 from slm_cli.ngram.build import write_ngram
-from slm_cli.targets.allnts import AllNTs
-from slm_cli.targets.coconts import CoCoNTs
+from slm_cli.target.allnts import AllNTs
+from slm_cli.target.coconts import CoCoNTs
 from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm, train
 
 N, R = 3, 4
@@ -42,7 +42,7 @@ def counts(prepared) -> dict[tuple, Counter]:
 
 
 def batch_of(prepared, target, indices) -> dict[str, torch.Tensor]:
-    windows = TrainWindows(prepared.tokens("train"), 16, seed=3, aligned=target.aligned(prepared))
+    windows = TrainWindows(prepared.tokens("train"), 16, seed=3, token_arrays=target.token_arrays(prepared))
     return windows[np.asarray(indices)]
 
 
@@ -99,13 +99,19 @@ def test_coconts_matches_its_definition_and_is_consistent(prepared, counts) -> N
     for context in sorted(counts, key=lambda c: -sum(counts[c].values()))[:3]:
         positions = [i for i in range(N - 1, len(tokens)) if tuple(tokens[i - N + 1 : i]) == context]
         b = {"labels": torch.from_numpy(all_tokens[positions]).long()[None],
-             **{k: torch.from_numpy(np.asarray(v[positions]))[None] for k, v in target.aligned(prepared).items()}}
+             **{k: torch.from_numpy(np.asarray(v[positions]))[None] for k, v in target.token_arrays(prepared).items()}}
         mean = dense(target.targets(b), prepared.vocab_size).mean(0)
         np.testing.assert_allclose(mean, y_all(counts, tokens, positions[0], prepared.vocab_size), atol=1e-6)
 
 
-def test_soft_target_loss_and_gradient_equal_dense_float64(prepared) -> None:
-    target = CoCoNTs(n=N, r=R, weight=0.4)
+@pytest.mark.parametrize("keep_probs", [True, False])
+@pytest.mark.parametrize("rows", ["subset", "all"])
+@pytest.mark.parametrize("kind", ["coconts", "allnts"])
+def test_soft_target_loss_and_gradient_equal_dense_float64(prepared, kind: str, rows: str, keep_probs: bool) -> None:
+    """The loss value and both gradients against dense float64 autograd: on a selection and with
+    every row selected (the path that reuses the kept softmax in place), and with a chunk size so
+    small that AllNTs' wide rows are cut into several blocks of entries (loss.SOFT_BLOCK)."""
+    target = CoCoNTs(n=N, r=R, weight=0.4) if kind == "coconts" else AllNTs(n=N, weight=0.4)
     batch = batch_of(prepared, target, range(4))
     labels = batch["labels"].reshape(-1)
     targets = target.targets(batch)
@@ -113,17 +119,51 @@ def test_soft_target_loss_and_gradient_equal_dense_float64(prepared) -> None:
     m, d, v = labels.numel(), 8, 576
     hidden = torch.randn(m, d, requires_grad=True)
     weight = torch.randn(v, d, requires_grad=True)
-    mask = torch.rand(m) < 0.6  # a selection: soft targets on the selected tokens only
+    mask = torch.rand(m) < 0.6 if rows == "subset" else torch.ones(m, dtype=torch.bool)
     weights = mask.float() / mask.sum()
-    stats = token_stats(hidden.detach(), weight.detach(), labels, chunk_size=7)
-    weighted_loss(hidden, weight, labels, weights, stats, targets=targets, chunk_size=7).backward()
+    chunk = 1 if kind == "allnts" else 7  # allnts: 16 entries per block, fewer than its widest row
+    assert kind == "coconts" or targets.ids.shape[1] > 16
+    stats = token_stats(hidden.detach(), weight.detach(), labels, chunk_size=chunk, keep_probs=keep_probs)
+    loss = weighted_loss(hidden, weight, labels, weights, stats, targets=targets, chunk_size=chunk)
+    loss.backward()
+    assert stats.probs is None  # the kept softmax was taken over by the backward
 
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     y = torch.from_numpy(dense(targets, v))
     ref = -(y * F.log_softmax(h64 @ w64.T, dim=-1)).sum(-1)[mask].mean()
     ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["coconts", "allnts"])
+def test_incomplete_contexts_keep_the_one_hot_target(prepared, kind: str) -> None:
+    """Positions before n−1 have no complete (n−1)-token context: their target is the one-hot
+    next token with weight 1, and the rows after them are full soft targets."""
+    target = CoCoNTs(n=N, r=R, weight=0.7) if kind == "coconts" else AllNTs(n=N, weight=0.7)
+    arrays = target.token_arrays(prepared)
+    tokens = np.asarray(prepared.tokens("train")).astype(np.int64)
+    positions = np.arange(1, 9)  # position 1 < n − 1 = 2: incomplete; 2.. complete
+    batch = {"labels": torch.from_numpy(tokens[positions])[None], "positions": torch.from_numpy(positions)[None],
+             **{k: torch.from_numpy(np.asarray(a[positions]))[None] for k, a in arrays.items()}}
+    y = dense(target.targets(batch), prepared.vocab_size)
+    first = np.zeros(prepared.vocab_size)
+    first[tokens[1]] = 1.0
+    np.testing.assert_allclose(y[0], first, atol=1e-7)
+    # the next row (position 2, complete) is a full target: its soft part is there, weighted λ
+    assert y[1][tokens[2]] >= 1 - 0.7 - 1e-7 and y[1].sum() > 1 - 0.7 + 1e-3
+
+
+def test_a_target_too_wide_for_the_budget_is_refused_up_front(prepared) -> None:
+    from slm_cli.train import check_target_memory
+
+    target = AllNTs(n=N, weight=0.5)
+    target.token_arrays(prepared)
+    check_target_memory(target, rows=128, limit_mb=1)
+    with pytest.raises(SlmError, match="loss.max_target_mb=1: lower data.batch_size") as err:
+        check_target_memory(target, rows=10**6, limit_mb=1)
+    assert "\n" not in str(err.value) and f"{target.max_entries()} entries per token" in str(err.value)
 
 
 def test_bad_target_settings() -> None:
@@ -147,9 +187,9 @@ def test_weight_zero_is_clm_exactly_and_selection_composes(prepared, tiny_data: 
     assert both["selection"] == "eslm" and both["target"] == "coconts"
     assert both["selected_tokens"] == 6 * int(np.ceil(0.6 * 4 * 32))
     assert both["val_loss"] != clm["val_loss"]
-    preset = train(tmp_path / "preset", tiny_data, *common, "selection=ngram", f"target.n={N}", f"target.r={R}",
+    preset = train(tmp_path / "preset", tiny_data, *common, "target=coconts", f"target.n={N}", f"target.r={R}",
                    cwd=tmp_path)
-    assert (preset["selection"], preset["target"]) == ("ngram", "coconts")
+    assert (preset["selection"], preset["target"]) == ("clm", "coconts")
     assert json.loads((tmp_path / "preset/summary.json").read_text())["selected_tokens"] == preset["train_tokens"]
 
 

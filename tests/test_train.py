@@ -167,3 +167,20 @@ def test_prepare_is_a_no_op_the_second_time(tiny_data: Path) -> None:
     ok(slm("prepare", f"paths.data_dir={tiny_data}", *TINY_DATA, cwd=tiny_data))
     after = {p.name: p.stat().st_mtime_ns for p in (tiny_data / "tiny").iterdir()}
     assert before == after
+
+
+@pytest.mark.parametrize(("first", "then"), [("clm", "ada_eslm"), ("ada_eslm", "eslm")])
+def test_resuming_with_another_strategy(first: str, then: str, tiny_data: Path, tmp_path: Path) -> None:
+    """A curriculum (CLM warm-up, then selection) resumes with the new strategy: its state starts
+    from its config, the old strategy's state is dropped, and one log line says so."""
+    train(tmp_path / "a", tiny_data, f"selection={first}", "trainer.max_steps=2", "trainer.val_check_interval=2",
+          cwd=tmp_path)
+    summary = train(tmp_path / "b", tiny_data, f"selection={then}", "trainer.max_steps=4",
+                    "trainer.val_check_interval=2", f"ckpt_path={tmp_path}/a/checkpoints/last.ckpt", cwd=tmp_path)
+    assert summary["steps"] == 4 and summary["selection"] == then
+    log = (tmp_path / "b" / "train.log").read_text()
+    assert f"resuming a selection={first} checkpoint with selection={then}" in log
+    ckpt = torch.load(tmp_path / "b" / "checkpoints" / "last.ckpt", weights_only=True)
+    if then == "ada_eslm":  # started at its configured alpha 0.5, then adapted for 2 steps
+        assert ckpt["slm"]["selection"]["state"]["alpha"] != 0.5
+    assert ckpt["slm"]["selection"]["name"] == then

@@ -1,8 +1,12 @@
 """One thin Hydra entry point per `slm` subcommand; the work happens in the components."""
 
+from slm_cli.data.corpora import register_resolvers
+
+register_resolvers()  # ${corpus:NAME} in configs: a vendored corpus file (slm_cli/data/corpora.py)
+
 CONFIG_PATH = "pkg://slm_cli.conf"
 VERSION_BASE = "1.3"
 
 # How this process was started (sys.argv[0] before `slm` rewrites it for Hydra): Lightning starts the
-# other ranks of a local multi-device run with the same program (slm_cli.parallel.local_launch).
+# other ranks of a local multi-device run with the same program (slm_cli.commands.launch.local_launch).
 PROGRAM = ""

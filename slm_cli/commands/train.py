@@ -12,9 +12,17 @@ from slm_cli.errors import report_errors
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="train")
 @report_errors
 def main(cfg: DictConfig) -> float | None:
-    from slm_cli.parallel import local_launch
-    from slm_cli.train import train
+    from pathlib import Path
 
+    from slm_cli.commands.launch import check_launcher, local_launch
+    from slm_cli.errors import SlmError
+    from slm_cli.train import discard_unstarted, train
+
+    try:
+        check_launcher()
+    except SlmError:
+        discard_unstarted(Path(cfg.paths.output_dir))
+        raise
     with local_launch("train"):
         summary = train(cfg)
     return summary["val_loss"]  # the value a Hydra sweeper optimises

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from slm_cli.data.prepare import PreparedData
+from slm_cli.data.prepared import PreparedData
 from slm_cli.data.windows import ShardSampler, StepSampler, TrainWindows, ValWindows
 
 
@@ -27,7 +27,8 @@ class SLMDataModule(L.LightningDataModule):
         accumulate_grad_batches: int = 1,
         num_workers: int = 0,
         val_batches: int | None = None,
-        aligned: dict[str, np.ndarray] | None = None,
+        token_arrays: dict[str, np.ndarray] | None = None,
+        window_grid: int | None = None,
     ) -> None:
         super().__init__()
         self.prepared = prepared
@@ -37,7 +38,8 @@ class SLMDataModule(L.LightningDataModule):
         self.accumulate = accumulate_grad_batches
         self.num_workers = num_workers
         self.val_batches = val_batches
-        self.aligned = aligned or {}  # per-token arrays gathered into training batches
+        self.token_arrays = token_arrays or {}  # per-token arrays gathered into training batches
+        self.window_grid = window_grid  # training windows start on multiples of this (TrainWindows)
 
     def _loader(self, dataset, **kwargs) -> DataLoader:
         # A private generator: a DataLoader draws a seed from torch's global RNG each time it starts
@@ -52,7 +54,8 @@ class SLMDataModule(L.LightningDataModule):
         # step this run resumes at.
         start = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        windows = TrainWindows(self.prepared.tokens("train"), self.block_size, self.seed, self.aligned)
+        windows = TrainWindows(self.prepared.tokens("train"), self.block_size, self.seed, self.token_arrays,
+                               grid=self.window_grid)
         sampler = StepSampler(self.batch_size * self.accumulate, start_step=start, rank=rank, world_size=world)
         return self._loader(windows, sampler=sampler, batch_size=None)
 

@@ -1,8 +1,7 @@
-"""Tokenise a corpus once into flat ``train.bin`` / ``val.bin`` token streams (nanoGPT layout).
+"""Build a prepared corpus: tokenise the text once into the format of slm_cli/data/prepared.py.
 
-The folder is committed atomically: every file is written under a temporary name and moved into
-place, ``meta.json`` last. A folder with a ``meta.json`` is therefore always complete, and its
-input fingerprint lets a repeated ``prepare`` return immediately.
+The folder is committed as one (slm_cli/data/sidecar.py): every file is staged and moved into
+place, ``meta.json`` last, and its input fingerprint lets a repeated ``prepare`` return at once.
 """
 
 from __future__ import annotations
@@ -13,9 +12,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,91 +21,18 @@ import pyarrow.compute as pc
 from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
+from slm_cli.config import check_data
+from slm_cli.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, load_prepared, token_dtype
+from slm_cli.data.sidecar import commit, staged
 from slm_cli.data.sources import load_documents, source_description, source_fingerprint, source_name
 from slm_cli.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_bpe
 from slm_cli.errors import SlmError
 
-FORMAT_VERSION = 1
-SPLITS = ("train", "val")
-META_KEYS = (
-    "format_version", "name", "source", "fingerprint", "source_fingerprint", "tokenizer_sha256", "tokenizer",
-    "vocab_size", "eos_id", "dtype", "train_tokens", "val_tokens", "documents", "settings", "created",
-)  # fmt: skip
 # Below this many documents a document-level split is too coarse; split the token stream instead.
 MIN_DOCS_FOR_DOC_SPLIT = 20
 # Documents per worker below which extra tokenisation processes cost more to start than they save.
 DOCS_PER_PROC = 1000
 BATCH_DOCS = 1000
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Smallest unsigned dtype that holds every token id."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-@dataclass
-class PreparedData:
-    """A prepared data folder: token streams, tokenizer and the ``meta.json`` describing them."""
-
-    dir: Path
-    meta: dict
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.meta["vocab_size"])
-
-    @property
-    def eos_id(self) -> int:
-        return int(self.meta["eos_id"])
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(self.meta["dtype"])
-
-    @property
-    def tokenizer_path(self) -> Path:
-        return self.dir / "tokenizer.json"
-
-    def tokens(self, split: str) -> np.memmap:
-        """Read-only memmap of a split's token stream (opened lazily; cheap to call per worker)."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
-        return np.memmap(
-            self.dir / f"{split}.bin", dtype=self.dtype, mode="r", shape=(self.meta[f"{split}_tokens"],)
-        )
-
-
-def load_prepared(dir: Path) -> PreparedData:
-    """Open a prepared folder, checking that meta.json and the files it describes agree."""
-    dir = Path(dir)
-    meta_path = dir / "meta.json"
-    if not meta_path.is_file():
-        raise SlmError(f"no prepared data at {dir}: run `slm prepare data=...`")
-    fix = "delete it and re-run `slm prepare`"
-    try:
-        meta = json.loads(meta_path.read_text())
-        missing = [k for k in META_KEYS if k not in meta]
-        if missing:
-            raise ValueError(f"missing keys {', '.join(missing)}")
-        data = PreparedData(dir, meta)
-        dtype, vocab_size, _ = data.dtype, data.vocab_size, data.eos_id
-        expected = {split: int(meta[f"{split}_tokens"]) * dtype.itemsize for split in SPLITS}
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        raise SlmError(f"corrupt meta.json at {dir} ({str(e).splitlines()[0]}): {fix}") from None
-    if dtype != token_dtype(vocab_size):
-        raise SlmError(
-            f"meta.json at {dir} says dtype {dtype} but vocab_size {vocab_size} needs {token_dtype(vocab_size)}: {fix}"
-        )
-    for split, size in expected.items():
-        path = dir / f"{split}.bin"
-        actual = path.stat().st_size if path.is_file() else 0
-        if actual != size:
-            raise SlmError(
-                f"{path} has {actual} bytes but meta.json expects {size}: delete meta.json and re-run `slm prepare`"
-            )
-    if not data.tokenizer_path.is_file():
-        raise SlmError(f"{data.tokenizer_path} is missing: delete meta.json and re-run `slm prepare`")
-    return data
 
 
 def _try_load(dir: Path) -> PreparedData | None:
@@ -119,11 +43,7 @@ def _try_load(dir: Path) -> PreparedData | None:
 
 def _settings(data_cfg: DictConfig, tokenizer: str) -> dict[str, Any]:
     """The settings that determine the prepared tokens (validated; recorded in meta.json)."""
-    val_fraction = float(data_cfg.val_fraction)
-    if not 0 < val_fraction < 1:
-        raise SlmError(
-            f"data.val_fraction={data_cfg.val_fraction} leaves an empty train or val split: set it between 0 and 1"
-        )
+    val_fraction = float(data_cfg.val_fraction)  # checked by config.check_data
     return {
         "source": data_cfg.source,
         "path": data_cfg.get("path") if data_cfg.source == "files" else None,
@@ -261,6 +181,7 @@ def prepare(
     own ``{name}.tok-{sha}`` folder so it never overwrites the default data, unless the default
     folder already holds the same tokens (e.g. `slm eval` with a model trained on that folder).
     """
+    check_data(data_cfg)
     out = Path(paths_cfg.data_dir) / source_name(data_cfg)
     # Every process of a multi-device run calls this (torchrun and srun start them all at once):
     # the first one to take the lock prepares, the others wait and then find the folder ready.
@@ -316,47 +237,38 @@ def _build(
     fingerprint: str,
     source_fp: str,
 ) -> PreparedData:
-    out.mkdir(parents=True, exist_ok=True)
-    # Un-commit first: from here until the new meta.json lands, the folder is "not prepared".
-    (out / "meta.json").unlink(missing_ok=True)
-    docs = load_documents(data_cfg, out.parent / ".hf_cache")
-    if tok is None:
-        texts = docs.with_format("arrow").iter(batch_size=BATCH_DOCS)
-        tok = train_bpe((batch["text"].to_pylist() for batch in texts), settings["vocab_size"])
-    sha = tokenizer_sha256(tok)
-    eos = eos_id(tok, data_cfg.eos_token)
-    vocab_size = tok.get_vocab_size()
-    dtype = token_dtype(vocab_size)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".prepare-") as tmp_dir:
-        tmp = Path(tmp_dir)
-        ids = _tokenise(
-            docs, tok, eos, tmp / "ids.arrow", _num_proc(data_cfg.num_proc, len(docs)), fingerprint
-        )
+    files = ("train.bin", "val.bin", "tokenizer.json")
+    with staged(out, files) as tmp:  # the folder is "not prepared" until commit() below
+        docs = load_documents(data_cfg, out.parent / ".hf_cache")
+        if tok is None:
+            texts = docs.with_format("arrow").iter(batch_size=BATCH_DOCS)
+            tok = train_bpe((batch["text"].to_pylist() for batch in texts), settings["vocab_size"])
+        eos = eos_id(tok, data_cfg.eos_token)
+        vocab_size = tok.get_vocab_size()
+        dtype = token_dtype(vocab_size)
+        ids = _tokenise(docs, tok, eos, tmp / "ids.arrow", _num_proc(data_cfg.num_proc, len(docs)), fingerprint)
         counts = {}
         for split, (subset, start, stop) in _split(ids, settings["val_fraction"]).items():
             _write_bin(tmp / f"{split}.bin", _slice_chunks(_chunks(subset), start, stop), stop - start, dtype)
             counts[split] = stop - start
         tok.save(str(tmp / "tokenizer.json"))
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": out.name,
-            "source": source_description(data_cfg),
-            "fingerprint": fingerprint,
-            "source_fingerprint": source_fp,
-            "tokenizer_sha256": sha,
-            "tokenizer": spec,
-            "vocab_size": vocab_size,
-            "eos_id": eos,
-            "dtype": dtype.name,
-            "train_tokens": counts["train"],
-            "val_tokens": counts["val"],
-            "documents": len(docs),
-            "settings": settings,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        for name in ("train.bin", "val.bin", "tokenizer.json", "meta.json"):  # meta.json last: the commit
-            os.replace(tmp / name, out / name)
+    commit(out, {
+        "format_version": FORMAT_VERSION,
+        "name": out.name,
+        "source": source_description(data_cfg),
+        "fingerprint": fingerprint,
+        "source_fingerprint": source_fp,
+        "tokenizer_sha256": tokenizer_sha256(tok),
+        "tokenizer": spec,
+        "vocab_size": vocab_size,
+        "eos_id": eos,
+        "dtype": dtype.name,
+        "train_tokens": counts["train"],
+        "val_tokens": counts["val"],
+        "documents": len(docs),
+        "settings": settings,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    })
     print(
         f"prepared {out}: {counts['train']:,} train + {counts['val']:,} val tokens "
         f"from {len(docs):,} documents, vocab {vocab_size:,}"

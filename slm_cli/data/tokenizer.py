@@ -12,8 +12,6 @@ from slm_cli.errors import SlmError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>")
 BPE_EOS = EOS_CANDIDATES[0]
-# Where an slm run dir keeps its last checkpoint (written by the training loop).
-RUN_DIR_CHECKPOINT = Path("checkpoints") / "last.ckpt"
 
 
 def train_bpe(batches: Iterable[list[str]], vocab_size: int) -> Tokenizer:
@@ -76,7 +74,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if path.is_dir():
         if (path / "tokenizer.json").is_file():
             return _from_json(path / "tokenizer.json")
-        from slm_cli.outputs import is_sharded_checkpoint  # deferred: it imports torch
+        from slm_cli.outputs import RUN_DIR_CHECKPOINT, is_sharded_checkpoint  # deferred: it imports torch
 
         if is_sharded_checkpoint(path):
             return _from_checkpoint(path)

@@ -27,7 +27,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _check_length(n_tokens: int, block_size: int, what: str) -> None:
+def check_length(n_tokens: int, block_size: int, what: str) -> None:
     if n_tokens < block_size + 1:
         raise SlmError(
             f"{what} has {n_tokens:,} tokens, fewer than model.block_size + 1 = {block_size + 1:,}: "
@@ -35,28 +35,36 @@ def _check_length(n_tokens: int, block_size: int, what: str) -> None:
         )
 
 
-def sample_starts(seed: int, indices: np.ndarray, n_tokens: int, block_size: int) -> np.ndarray:
-    """Window start for each global sample index: ``hash(seed, i) mod (n_tokens - block_size)``."""
-    _check_length(n_tokens, block_size, "the token stream")
+def sample_starts(seed: int, indices: np.ndarray, n_tokens: int, block_size: int,
+                  grid: int | None = None) -> np.ndarray:
+    """Window start for each global sample index: ``hash(seed, i) mod (n_tokens - block_size)``.
+
+    With ``grid`` = C, starts lie on multiples of C whose whole C-token window fits, ``k·C`` with
+    ``k = hash(seed, i) mod #slots``: the windows `slm score` scores on that grid, so that a
+    stored per-token value was computed from exactly the context the training window gives."""
+    check_length(n_tokens, max(block_size, grid or 0), "the token stream")
     idx = np.asarray(indices, dtype=np.int64).astype(np.uint64)
     key = _mix64(np.array([seed & _U64], dtype=np.uint64))
     # The i-th output of a splitmix64 generator seeded with the mixed seed.
     h = _mix64(key + (idx + np.uint64(1)) * _GOLDEN)
-    return (h % np.uint64(n_tokens - block_size)).astype(np.int64)
+    if grid is None:
+        return (h % np.uint64(n_tokens - block_size)).astype(np.int64)
+    slots = (n_tokens - 1 - max(block_size, grid)) // grid + 1
+    return (h % np.uint64(slots)).astype(np.int64) * grid
 
 
-def _check_aligned(aligned: dict[str, np.ndarray] | None, n_tokens: int) -> dict[str, np.ndarray]:
-    for name, array in (aligned or {}).items():
+def _check_token_arrays(token_arrays: dict[str, np.ndarray] | None, n_tokens: int) -> dict[str, np.ndarray]:
+    for name, array in (token_arrays or {}).items():
         if len(array) != n_tokens:
             raise SlmError(
                 f"per-token array {name!r} has {len(array):,} rows but the token stream has {n_tokens:,}: "
                 "recompute it for this prepared data"
             )
-    return dict(aligned or {})
+    return dict(token_arrays or {})
 
 
 def _windows(
-    tokens: np.ndarray, starts: np.ndarray, block_size: int, aligned: dict[str, np.ndarray]
+    tokens: np.ndarray, starts: np.ndarray, block_size: int, token_arrays: dict[str, np.ndarray]
 ) -> dict[str, torch.Tensor]:
     """Batched windows at ``starts``: one fancy-index gather per array (reads only those pages of a memmap)."""
     pos = starts[:, None] + np.arange(block_size + 1, dtype=np.int64)
@@ -67,7 +75,7 @@ def _windows(
         "labels": torch.from_numpy(window[:, 1:].copy()),
         "positions": torch.from_numpy(positions.copy()),
     }
-    for name, array in aligned.items():
+    for name, array in token_arrays.items():
         batch[name] = torch.from_numpy(np.ascontiguousarray(array[positions]))
     return batch
 
@@ -75,22 +83,24 @@ def _windows(
 class TrainWindows(Dataset):
     """Random windows addressed by global sample index; ``ds[indices]`` returns a whole (B, T) batch.
 
-    ``positions`` are the stream positions of the labels, so per-token arrays ``aligned`` with the
+    ``positions`` are the stream positions of the labels, so per-token arrays (``token_arrays``) aligned with the
     stream (e.g. reference-model scores) are gathered for exactly the predicted tokens.
     """
 
     def __init__(
-        self, tokens: np.ndarray, block_size: int, seed: int, aligned: dict[str, np.ndarray] | None = None
+        self, tokens: np.ndarray, block_size: int, seed: int, token_arrays: dict[str, np.ndarray] | None = None,
+        grid: int | None = None,
     ) -> None:
-        _check_length(len(tokens), block_size, "the train split")
+        check_length(len(tokens), max(block_size, grid or 0), "the train split")
         self.tokens = tokens
         self.block_size = block_size
         self.seed = seed
-        self.aligned = _check_aligned(aligned, len(tokens))
+        self.grid = grid  # see sample_starts
+        self.token_arrays = _check_token_arrays(token_arrays, len(tokens))
 
     def __getitem__(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
-        starts = sample_starts(self.seed, np.atleast_1d(indices), len(self.tokens), self.block_size)
-        return _windows(self.tokens, starts, self.block_size, self.aligned)
+        starts = sample_starts(self.seed, np.atleast_1d(indices), len(self.tokens), self.block_size, self.grid)
+        return _windows(self.tokens, starts, self.block_size, self.token_arrays)
 
 
 class StepSampler(Sampler):
@@ -123,12 +133,12 @@ class ValWindows(Dataset):
         tokens: np.ndarray,
         block_size: int,
         max_windows: int | None = None,
-        aligned: dict[str, np.ndarray] | None = None,
+        token_arrays: dict[str, np.ndarray] | None = None,
     ) -> None:
-        _check_length(len(tokens), block_size, "the val split")
+        check_length(len(tokens), block_size, "the val split")
         self.tokens = tokens
         self.block_size = block_size
-        self.aligned = _check_aligned(aligned, len(tokens))
+        self.token_arrays = _check_token_arrays(token_arrays, len(tokens))
         n = (len(tokens) - 1) // block_size
         self.n_windows = n if max_windows is None else min(n, max_windows)
 
@@ -139,7 +149,7 @@ class ValWindows(Dataset):
         """Window k, with ``weight`` 1; k = PAD gives window 0 with weight 0 (see ShardSampler)."""
         if not (0 <= k < self.n_windows or k == PAD):
             raise IndexError(f"window {k} out of range [0, {self.n_windows})")
-        batch = _windows(self.tokens, np.array([max(k, 0) * self.block_size]), self.block_size, self.aligned)
+        batch = _windows(self.tokens, np.array([max(k, 0) * self.block_size]), self.block_size, self.token_arrays)
         item = {name: value[0] for name, value in batch.items()}
         item["weight"] = torch.tensor(0.0 if k == PAD else 1.0)
         return item

@@ -1,9 +1,10 @@
 """The GPT-2 family (Radford et al. 2019) in one file, after nanoGPT's ``model.py``.
 
 Parameter names follow GPT-2 (``wte``, ``wpe``, ``h.{i}.attn.c_attn``, ``ln_f``, ``lm_head``...) so
-that :meth:`GPT.hf_state_dict` is a renaming, not a conversion. The model stops at the final
-LayerNorm: the LM head's matmul is handed to a ``head`` callable (normally the chunked losses of
-:mod:`slm_cli.loss`) so that the full B×T×V logits tensor is never built by the model itself.
+that the export to Hugging Face (slm_cli/model/hf.py) is a renaming, not a conversion. The model
+stops at the final LayerNorm: the LM head's matmul is handed to a ``head`` callable (normally the
+chunked losses of :mod:`slm_cli.loss`) so that the full B×T×V logits tensor is never built by the
+model itself.
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         # GPT-2 uses the tanh approximation ("gelu_new" in Hugging Face); using it too keeps the
-        # export in hf_state_dict function-preserving, not only name-preserving.
+        # export to Hugging Face (slm_cli/model/hf.py) function-preserving, not only name-preserving.
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
@@ -187,30 +188,3 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-
-    @torch.no_grad()
-    def hf_state_dict(self) -> dict[str, Tensor]:
-        """The weights under Hugging Face ``GPT2LMHeadModel`` names and layouts.
-
-        Export is a renaming: the names are already GPT-2's; only three layout facts differ.
-        HF's ``Conv1D`` stores Linear weights as (in, out), so they are transposed; the padded
-        vocabulary rows are dropped (back to ``config.vocab_size``); and HF GPT-2 always has
-        biases, so a ``bias=False`` model exports zero biases (the same function).
-        Load with ``GPT2LMHeadModel(GPT2Config(n_positions=block_size, n_embd=..., n_layer=...,
-        n_head=..., vocab_size=vocab_size)).load_state_dict(sd)``.
-        """
-        sd: dict[str, Tensor] = {}
-        for name, module in self.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Embedding, nn.LayerNorm)):
-                continue
-            weight = module.weight
-            if name in ("transformer.wte", "lm_head"):
-                weight = weight[: self.config.vocab_size]
-            elif isinstance(module, nn.Linear):
-                weight = weight.T  # every Linear in the blocks is a Conv1D in HF
-            sd[f"{name}.weight"] = weight.contiguous().clone()
-            if isinstance(module, (nn.Linear, nn.LayerNorm)) and name != "lm_head":
-                bias = module.bias
-                # weight.shape[-1] is the output width for both Conv1D (in, out) and LayerNorm (d,).
-                sd[f"{name}.bias"] = bias.clone() if bias is not None else weight.new_zeros(weight.shape[-1])
-        return sd

@@ -36,10 +36,7 @@ On disk, beside ``train.bin``::
 from __future__ import annotations
 
 import datetime
-import json
-import math
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,14 +44,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from slm_cli.data.aligned import check_same_corpus, load_array
+from slm_cli.config import is_int
+from slm_cli.data.prepared import token_dtype
+from slm_cli.data.sidecar import META, check_same_corpus, commit, load_array, read_meta, staged
 from slm_cli.errors import SlmError
-from slm_cli.outputs import write_json
+from slm_cli.ngram.keys import bits_per_token, check_key_width, pack, pack_context
 
 if TYPE_CHECKING:
-    from omegaconf import DictConfig
 
-    from slm_cli.data.prepare import PreparedData
+    from slm_cli.data.prepared import PreparedData
 
 FORMAT_VERSION = 1
 NGRAM_FILES = {"ngram_ids": "ids.npy", "ngram_probs": "probs.npy"}
@@ -62,40 +60,6 @@ META_KEYS = ("format_version", "n", "r", "fingerprint", "tokenizer_sha256", "tra
              "dtype", "contexts", "ngrams", "key", "seconds", "created")
 PROB_DTYPES = ("float32", "float16")
 DEFAULT_CHUNK_TOKENS = 1 << 24
-KEY_BITS = 64
-
-
-# ---- key packing ------------------------------------------------------------------------------
-def bits_per_token(vocab_size: int) -> int:
-    """Bits that hold every id below ``vocab_size`` (ceil(log2 V), at least 1)."""
-    return max(1, (int(vocab_size) - 1).bit_length())
-
-
-def check_key_width(n: int, vocab_size: int) -> int:
-    """Bits per id of the packed n-gram key; refuses (n, V) whose key would not fit 64 bits."""
-    bits = bits_per_token(vocab_size)
-    if n * bits > KEY_BITS:
-        raise SlmError(
-            f"ngram.n={n} with vocabulary {vocab_size} needs {n * bits}-bit n-gram keys ({bits} bits per token) "
-            f"but keys are {KEY_BITS}-bit: use ngram.n<={KEY_BITS // bits} for this vocabulary"
-        )
-    return bits
-
-
-def pack(tokens: np.ndarray, start: int, stop: int, n: int, bits: int) -> np.ndarray:
-    """Keys of the n-grams ending at positions [start, stop) (start ≥ n−1): x_{i−n+1} in the high
-    bits, x_i in the low ``bits``. The context key of position i is ``key >> bits``."""
-    window = np.asarray(tokens[start - n + 1 : stop]).astype(np.uint64)
-    m = stop - start
-    key = window[:m].copy()
-    for k in range(1, n):
-        key <<= np.uint64(bits)
-        key |= window[k : k + m]
-    return key
-
-
-def _pack_context(tokens: np.ndarray, start: int, stop: int, n: int, bits: int) -> np.ndarray:
-    return pack(tokens, start - 1, stop - 1, n - 1, bits)  # the (n−1)-gram ending at i−1
 
 
 # ---- counting ---------------------------------------------------------------------------------
@@ -208,9 +172,6 @@ def check_settings(n: Any, r: Any, vocab_size: int | None = None, *, chunk_token
                    shards: Any = 1, dtype: Any = "float32") -> None:
     """User-facing checks of the settings (``vocab_size``: also r <= V and the key width)."""
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
     if not is_int(n) or n < 2:
         raise SlmError(f"ngram.n={n} must be an integer >= 2 (the context is the n-1 tokens before a token): "
                        "e.g. ngram.n=4")
@@ -230,7 +191,8 @@ def check_settings(n: Any, r: Any, vocab_size: int | None = None, *, chunk_token
 
 
 def id_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+    """Token ids in the arrays take the prepared corpus's own token dtype."""
+    return token_dtype(vocab_size)
 
 
 def build_ngram(tokens: np.ndarray, vocab_size: int, n: int, r: int, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
@@ -272,7 +234,7 @@ def _scatter(tokens: np.ndarray, n: int, bits: int, contexts: np.ndarray, table_
     desc = f"writing top-{table_ids.shape[1]} rows" + (f" (shard {shard[0] + 1}/{shard[1]})" if shard[1] > 1 else "")
     for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress):
         stop = min(start + chunk_tokens, total)
-        context = _pack_context(tokens, start, stop, n, bits)
+        context = pack_context(tokens, start, stop, n, bits)
         where = np.flatnonzero(shard_of(context, shard[1]) == shard[0]) if shard[1] > 1 else None
         if where is not None:
             context = context[where]
@@ -299,18 +261,11 @@ def _command(n: int, r: int) -> str:
 
 
 def _read_meta(folder: Path, n: int, r: int) -> dict[str, Any]:
-    meta_path = folder / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-        missing = [k for k in META_KEYS if k not in meta]
-        if missing:
-            raise ValueError(f"missing keys {', '.join(missing)}")
+    def check(meta: dict[str, Any]) -> None:
         if meta["dtype"] not in PROB_DTYPES:
             raise ValueError(f"dtype {meta['dtype']!r} is not one of {', '.join(PROB_DTYPES)}")
-    except ValueError as e:  # JSONDecodeError is a ValueError
-        raise SlmError(f"corrupt {meta_path} ({str(e).splitlines()[0]}): delete {folder} and run {_command(n, r)} "
-                       "again") from None
-    return meta
+
+    return read_meta(folder, META_KEYS, f"delete {folder} and run {_command(n, r)} again", check)
 
 
 def load_ngram(prepared: PreparedData, n: int, r: int, path: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
@@ -318,8 +273,8 @@ def load_ngram(prepared: PreparedData, n: int, r: int, path: str | os.PathLike |
     ``prepared``'s train.bin, checked against its length, tokenizer and corpus fingerprint."""
     folder = Path(path).expanduser() if path else ngram_dir(prepared, n, r)
     again = f"run {_command(n, r)} again"
-    if not (folder / "meta.json").is_file():
-        raise SlmError(f"no {n}-gram top-{r} arrays for {prepared.dir} ({folder / 'meta.json'} does not exist): "
+    if not (folder / META).is_file():
+        raise SlmError(f"no {n}-gram top-{r} arrays for {prepared.dir} ({folder / META} does not exist): "
                        f"run {_command(n, r)} first")
     meta = _read_meta(folder, n, r)
     if meta["format_version"] != FORMAT_VERSION or (meta["n"], meta["r"]) != (n, r):
@@ -352,23 +307,19 @@ def write_ngram(prepared: PreparedData, n: int, r: int, *, chunk_tokens: int = D
     folder = ngram_dir(prepared, n, r)
     if not force and _current(prepared, folder, n, r, dtype):
         return folder, {**_read_meta(folder, n, r), "skipped": True}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "meta.json").unlink(missing_ok=True)  # un-commit: an old meta.json must not bless new arrays
     tokens = prepared.tokens("train")
     total = len(tokens)
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".build-") as tmp_dir:
-        tmp = {key: Path(tmp_dir) / file for key, file in NGRAM_FILES.items()}
-        ids = np.lib.format.open_memmap(tmp["ngram_ids"], mode="w+", dtype=id_dtype(prepared.vocab_size),
-                                        shape=(total, r))
-        probs = np.lib.format.open_memmap(tmp["ngram_probs"], mode="w+", dtype=np.dtype(dtype), shape=(total, r))
+    with staged(folder, NGRAM_FILES.values()) as tmp:
+        ids = np.lib.format.open_memmap(tmp / NGRAM_FILES["ngram_ids"], mode="w+",
+                                        dtype=id_dtype(prepared.vocab_size), shape=(total, r))
+        probs = np.lib.format.open_memmap(tmp / NGRAM_FILES["ngram_probs"], mode="w+", dtype=np.dtype(dtype),
+                                          shape=(total, r))
         _, _, stats = build_ngram(tokens, prepared.vocab_size, n, r, chunk_tokens=chunk_tokens, shards=shards, dtype=dtype,
                                   out=(ids, probs), progress=progress)
         ids.flush()
         probs.flush()
         del ids, probs
-        for key, file in NGRAM_FILES.items():
-            os.replace(tmp[key], folder / file)
     bits = bits_per_token(prepared.vocab_size)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -388,27 +339,4 @@ def write_ngram(prepared: PreparedData, n: int, r: int, *, chunk_tokens: int = D
         "seconds": round(time.perf_counter() - t0, 3),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_json(folder / "meta.json", meta)  # the commit
-    return folder, meta
-
-
-def ngram(cfg: DictConfig) -> dict[str, Any]:
-    """`slm ngram`: prepare the corpus and build its top-r n-gram arrays."""
-    from slm_cli.config import check_data
-    from slm_cli.data.prepare import prepare
-
-    c = cfg.ngram
-    check_settings(c.n, c.r, chunk_tokens=c.chunk_tokens, shards=c.shards, dtype=c.dtype)
-    check_data(cfg.data)
-    prepared = prepare(cfg.data, cfg.paths)
-    folder, meta = write_ngram(prepared, int(c.n), int(c.r), chunk_tokens=int(c.chunk_tokens),
-                               shards=int(c.shards), dtype=str(c.dtype), force=bool(c.force))
-    if meta.get("skipped"):
-        print(f"n-gram arrays {folder} are up to date ({meta['train_tokens']:,} tokens, n={meta['n']}, "
-              f"r={meta['r']}): nothing to do (ngram.force=true rebuilds)")
-    else:
-        rate = meta["train_tokens"] / meta["seconds"] if meta["seconds"] > 0 else math.inf
-        print(f"built {folder}: {meta['train_tokens']:,} tokens, {meta['contexts']:,} contexts, "
-              f"{meta['ngrams']:,} distinct {meta['n']}-grams, top {meta['r']} ({meta['dtype']}), "
-              f"{rate:,.0f} tokens/s")
-    return {"folder": str(folder), **meta}
+    return folder, commit(folder, meta)

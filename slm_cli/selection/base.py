@@ -30,11 +30,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slm_cli.config import fraction
 from slm_cli.errors import SlmError
 from slm_cli.loss import TokenStats
 
 if TYPE_CHECKING:
-    from slm_cli.data.prepare import PreparedData
+    from slm_cli.data.prepared import PreparedData
 
 
 @dataclass
@@ -50,11 +51,16 @@ class Selection:
 
     name: str = "base"
     needs_entropy: bool = False  # ask token_stats for the model's per-token predictive entropy
+    # Whether the mask depends on the model's per-token statistics. CLM's and random's do not: they
+    # select from the batch alone, so global scope over several micro-batches needs no scoring
+    # pass for them (slm_cli/selection/plan.py) and the baseline pays for no machinery it does not use.
+    reads_model: bool = True
 
-    def features(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Flat (M,) float tensors of one micro-batch that :meth:`select` reads. `stats` is flat
-        (M = B·T rows); `batch` holds (B, T) tensors: input_ids, labels, positions (stream
-        positions of the labels) and any arrays from :meth:`aligned`."""
+    def features(self, stats: TokenStats | None, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Flat (M,) tensors of one micro-batch that :meth:`select` reads. `stats` is flat
+        (M = B·T rows), and None for a strategy that does not :attr:`reads_model`; `batch` holds
+        (B, T) tensors: input_ids, labels, positions (stream positions of the labels) and any
+        arrays from :meth:`token_arrays`."""
         feats = {"loss": stats.loss}
         if self.needs_entropy:
             assert stats.entropy is not None, "token_stats(entropy=True) is asked for by needs_entropy"
@@ -79,13 +85,23 @@ class Selection:
         selected.metrics.update(self.update(feats))
         return selected
 
-    def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
+    def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         """Per-token arrays aligned with train.bin to be gathered into every training batch under
         their key (e.g. precomputed reference losses). Called once before training."""
         return {}
 
+    def window_grid(self, block_size: int) -> int | None:
+        """Training windows must start on multiples of this (None: anywhere), when per-token values
+        from :meth:`token_arrays` were computed on that grid of windows. Called after it."""
+        return None
+
     def extra_forward_flops(self, tokens: int) -> float:
         """FLOPs the strategy spends outside the trained model (e.g. an online reference forward)."""
+        return 0.0
+
+    def scoring_flops(self) -> float:
+        """FLOPs spent once before training for this run (RHO-1's reference scoring by `slm score`):
+        reported beside the step FLOPs, not in them (summary: flops_reference_scoring)."""
         return 0.0
 
     # Strategies with state (Ada-ESLM's alpha) save it in checkpoints so that resume is exact.
@@ -98,10 +114,7 @@ class Selection:
 
 def check_fraction(key: str, value: Any) -> float:
     """A selection fraction (ratio, alpha) must lie strictly between 0 and 1."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1
-    if not ok:
-        raise SlmError(f"{key}={value} must be in (0, 1): e.g. {key}=0.6")
-    return float(value)
+    return fraction(key, value)
 
 
 def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
@@ -118,8 +131,15 @@ def keep_count(keep_fraction: float, m: int) -> int:
 
 def top_k_mask(scores: Tensor, k: int) -> tuple[Tensor, float]:
     """Mask of the k highest scores, ties broken towards the lower index (deterministic), and the
-    k-th highest score (the threshold: every kept score is >= it)."""
+    k-th highest score (the threshold: every kept score is >= it).
+
+    A NaN or infinite score is an error, not something to rank: it means the model diverged or a
+    stored reference value is missing, and any order placed on it would be arbitrary."""
     m = scores.numel()
+    if not bool(torch.isfinite(scores).all()):  # one host sync, which the threshold below needs anyway
+        bad = int((~torch.isfinite(scores)).sum())
+        raise SlmError(f"{bad} of {m} selection scores are NaN or infinite (a diverged model, or reference "
+                       "losses missing for some tokens): lower optim.lr, or re-run `slm score` for this data")
     # A stable sort of the negated scores orders equal scores by index.
     order = torch.sort(-scores.float(), stable=True).indices[:k]
     mask = torch.zeros(m, dtype=torch.bool, device=scores.device)

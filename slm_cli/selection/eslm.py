@@ -1,20 +1,21 @@
 """ESLM and Ada-ESLM: risk-averse selective language modelling (arXiv 2505.19893).
 
-ESLM scores every token of the micro-batch by its risk S_j (the model's loss ℓ_j or predictive
-entropy H_j, computed without gradient) and trains only on the high-risk tail: the tokens at or
-above the batch's value-at-risk at confidence α. With S_j = ℓ_j the training loss, the mean loss
+ESLM scores every token of the batch (the global batch by default; slm_cli/selection/plan.py)
+by its risk S_j (the model's loss ℓ_j or predictive entropy H_j, computed without gradient) and
+trains only on the high-risk tail: the tokens at or above the batch's value-at-risk at
+confidence α. With S_j = ℓ_j the training loss, the mean loss
 over the kept tokens, is the empirical conditional value-at-risk (Rockafellar–Uryasev)
 
     CVaR_α(ℓ) = min_τ { τ + 1/((1−α)M) · Σ_j (ℓ_j − τ)_+ },
 
 so ESLM minimises a distributionally robust objective: the worst-case average over any (1−α)
-share of the batch, the adversary's mask being closed-form (docs/METHODS.md).
+share of the batch, the adversary's mask being closed-form (docs/methods.md).
 
 Rounding and ties (deterministic, and the same on every device): ESLM keeps exactly
 k = ⌈(1−α)·M⌉ tokens (keep_count), the k highest scores, equal scores broken towards the lower
 index (top_k_mask). The logged threshold is the k-th highest score, the upper empirical
 α-quantile inf{s : #{S_j ≤ s} > α·M}. When α·M is not an integer that is the value-at-risk
-VaR_α = inf{s : #{S_j ≤ s} ≥ α·M} of METHODS.md; when (1−α)·M is an integer it is the upper end
+VaR_α = inf{s : #{S_j ≤ s} ≥ α·M} of docs/methods.md; when (1−α)·M is an integer it is the upper end
 of the interval of Rockafellar–Uryasev minimisers (whose lower end is VaR_α), both give the same
 minimum, and the kept tokens' mean loss equals CVaR_α exactly. Otherwise the kept mean is the
 CVaR at the effective level 1 − k/M, the nearest level that whole tokens can realise.
@@ -28,6 +29,7 @@ from typing import Any
 
 from torch import Tensor
 
+from slm_cli.config import is_number
 from slm_cli.errors import SlmError
 from slm_cli.selection.base import Selected, Selection, check_choice, check_fraction, keep_count, top_k_mask
 
@@ -35,7 +37,9 @@ SCORES = ("loss", "entropy")
 
 
 class ESLM(Selection):
-    """Keep the ⌈(1−α)M⌉ highest-risk tokens of each micro-batch.
+    """Keep the ⌈(1−α)M⌉ highest-risk tokens of the M tokens selected over: the whole global
+    batch (every micro-batch on every device; selection.scope=global, the default) or one
+    micro-batch (scope=local), as slm_cli/selection/plan.py hands them over.
 
     The default α = 0.4 keeps 60% of the tokens, the same budget as `random` (ratio 0.6) and the
     Rho-1 default, so the strategies compare at equal FLOPs out of the box; larger α (the paper
@@ -60,7 +64,7 @@ class AdaESLM(ESLM):
     """ESLM whose confidence α follows how much of the batch the model already predicts well.
 
     The paper adapts α during training but its exact rule is not available to us; this controller
-    is *our choice* (docs/METHODS.md). After each optimizer step's selection, which uses the current α,
+    is *our choice* (docs/methods.md). After each optimizer step's selection, which uses the current α,
 
         easy_frac = #{j : ℓ_j < easy_loss} / M          (default easy_loss = ln 2, i.e. p > 1/2)
         α ← clip((1 − momentum)·α + momentum·easy_frac, alpha_min, alpha_max)
@@ -93,8 +97,7 @@ class AdaESLM(ESLM):
             raise SlmError(f"selection.alpha={alpha} must lie in [selection.alpha_min, selection.alpha_max] = "
                            f"[{alpha_min}, {alpha_max}]: change one of them")
         self.momentum = check_fraction("selection.momentum", momentum)
-        ok = isinstance(easy_loss, int | float) and not isinstance(easy_loss, bool) and 0 < easy_loss < math.inf
-        if not ok:
+        if not (is_number(easy_loss) and easy_loss > 0):
             raise SlmError(f"selection.easy_loss={easy_loss} must be a positive loss in nats: "
                            f"e.g. selection.easy_loss=0.693 (ln 2)")
         self.easy_loss = float(easy_loss)
@@ -110,4 +113,4 @@ class AdaESLM(ESLM):
         return {"alpha": self.alpha}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.alpha = float(state["alpha"])
+        self.alpha = float(state.get("alpha", self.alpha))  # absent: keep the configured start

@@ -2,32 +2,49 @@
 
 It trains on as many tokens as a scored strategy at the same keep ratio, but picks them blindly,
 so a gain over Random is due to *which* tokens are chosen, not to how many.
+
+The draw is a pure function of the tokens it selects among: a generator seeded with a hash of
+their stream positions. So it is reproducible and resumes exactly with no saved state; under
+scope=global every device draws the same subset of the global batch (the gathered positions are
+the same everywhere), and under scope=local each device and micro-batch draws its own (their
+positions differ), instead of every device keeping the same in-batch positions.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from slm_cli.loss import TokenStats
 from slm_cli.selection.base import Selected, Selection, check_fraction, keep_count
+
+
+def positions_seed(positions: Tensor) -> int:
+    """A 63-bit seed from the exact sequence of stream positions."""
+    data = np.ascontiguousarray(positions.detach().cpu().numpy().astype(np.int64))
+    return int.from_bytes(hashlib.blake2b(data.tobytes(), digest_size=8).digest(), "little") >> 1
 
 
 class Random(Selection):
     name = "random"
+    reads_model = False
 
     def __init__(self, name: str = "random", ratio: float = 0.6) -> None:
         self.name = name
         self.ratio = check_fraction("selection.ratio", ratio)
 
+    def features(self, stats: TokenStats | None, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return {"positions": batch["positions"].reshape(-1)}
+
     def select(self, features: Mapping[str, Tensor]) -> Selected:
-        loss = features["loss"]
-        m = loss.numel()
-        # Drawn from torch's global CPU generator whatever the device: its state is saved in
-        # checkpoints (module.on_save_checkpoint), so a resumed run draws the same subsets; every
-        # device draws the same permutation of the global batch (same seed, same draws).
-        kept = torch.randperm(m)[: keep_count(self.ratio, m)]
+        positions = features["positions"]
+        m = positions.numel()
+        generator = torch.Generator().manual_seed(positions_seed(positions))
+        kept = torch.randperm(m, generator=generator)[: keep_count(self.ratio, m)]
         mask = torch.zeros(m, dtype=torch.bool)
         mask[kept] = True
-        return Selected(mask=mask.to(loss.device))
+        return Selected(mask=mask.to(positions.device))

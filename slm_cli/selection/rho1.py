@@ -30,8 +30,8 @@ from slm_cli.loss import TokenStats
 from slm_cli.selection.base import Selected, Selection, check_choice, check_fraction, keep_count, top_k_mask
 
 if TYPE_CHECKING:
-    from slm_cli.data.prepare import PreparedData
-    from slm_cli.reference import ReferenceModel
+    from slm_cli.data.prepared import PreparedData
+    from slm_cli.reference.models import ReferenceModel
 
 SCORES = ("excess", "reference_loss", "reference_entropy")
 MODES = ("precomputed", "online")
@@ -56,24 +56,46 @@ class Rho1(Selection):
         self.ref_name = ref.get("name")
         self.ckpt_path = ref.get("ckpt_path")
         self.reference: ReferenceModel | None = None
+        self.scores_meta: dict[str, Any] = {}
         if self.mode == "online":
             if not self.ckpt_path:
                 raise SlmError("selection.reference.mode=online needs the reference model: pass "
                                "selection.reference.ckpt_path=<slm checkpoint or Hugging Face folder>")
-            from slm_cli.reference import load
+            from slm_cli.reference.models import load
 
             self.reference = load(str(self.ckpt_path))
 
-    def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
+    def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         if self.reference is not None:
             self.reference.check_data(prepared)
             return {}
-        from slm_cli.reference import load_scores
+        from slm_cli.reference.scores import load_scores_and_meta
 
-        scores = load_scores(prepared, path=self.path, name=self.ref_name)
+        scores, self.scores_meta = load_scores_and_meta(prepared, path=self.path, name=self.ref_name)
         # ref_loss is always logged; the entropy array is only read when it is the score.
         keys = ("ref_loss", "ref_entropy") if self.score == "reference_entropy" else ("ref_loss",)
         return {key: scores[key] for key in keys}
+
+    def window_grid(self, block_size: int) -> int | None:
+        """Precomputed scores compare like with like only if training windows are the scored
+        windows (the paper scores both models on the same sample): `slm score`'s grid of
+        non-overlapping windows of `context` tokens, with model.block_size ≤ context."""
+        if self.reference is not None:
+            return None  # online: the reference scores the training window itself
+        meta = self.scores_meta
+        context, stride, ref = int(meta["context"]), int(meta["stride"]), meta["reference"]
+        if stride != context:
+            raise SlmError(f"reference losses were scored with sliding windows (context={context}, stride={stride}), "
+                           "so their contexts differ from the training windows': run `slm score data=<same data> "
+                           f"ckpt_path={ref} context={block_size} stride={block_size}` (a grid, the default)")
+        if block_size > context:
+            raise SlmError(f"model.block_size={block_size} is longer than the reference's scoring windows "
+                           f"({context} tokens): run `slm score data=<same data> ckpt_path={ref} context={block_size}`")
+        return context
+
+    def scoring_flops(self) -> float:
+        """The reference's forward work over the corpus by `slm score` (0 if its meta predates the count)."""
+        return float(self.scores_meta.get("flops", 0.0))
 
     def extra_forward_flops(self, tokens: int) -> float:
         return 0.0 if self.reference is None else tokens * self.reference.forward_flops_per_token
@@ -91,7 +113,7 @@ class Rho1(Selection):
             return loss.reshape(-1).float(), entropy.reshape(-1).float()
         if "ref_loss" not in batch:
             raise SlmError("selection=rho1 found no ref_loss in the batch: reference losses are loaded by "
-                           "Rho1.aligned(prepared) before training")
+                           "Rho1.token_arrays(prepared) before training")
         entropy = batch.get("ref_entropy")
         return (batch["ref_loss"].reshape(-1).to(device, torch.float32),
                 None if entropy is None else entropy.reshape(-1).to(device, torch.float32))

@@ -1,9 +1,8 @@
-"""`slm eval`: perplexity of a checkpoint on a split of a corpus, tokenized with the checkpoint's own
+"""`slm eval`'s default: perplexity of a checkpoint on a split of a corpus, tokenized with the checkpoint's own
 tokenizer (checkpoints carry it), over non-overlapping windows of the model's context length."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -11,29 +10,18 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from slm_cli.config import check_data
 from slm_cli.data.prepare import prepare
 from slm_cli.data.windows import ValWindows
 from slm_cli.errors import SlmError
-from slm_cli.loss import token_stats
-from slm_cli.model.gpt import GPT, GPTConfig
+from slm_cli.loss import perplexity, token_stats
+from slm_cli.model.load import checkpoint_file, load_model
 from slm_cli.outputs import load_checkpoint, write_json
 
 
-def load_model(ckpt: dict[str, Any]) -> GPT:
-    """The GPT stored in an slm checkpoint (its config travels with it)."""
-    model = GPT(GPTConfig(**ckpt["slm"]["model"]))
-    prefix = "model."
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    check_data(cfg.data)
     if cfg.split not in ("train", "val"):
         raise SlmError(f"split={cfg.split} is not a split: use split=val or split=train")
-    ckpt = load_checkpoint(cfg.ckpt_path)
+    ckpt = load_checkpoint(checkpoint_file(cfg.ckpt_path))
     model = load_model(ckpt)
     prepared = prepare(cfg.data, cfg.paths, tokenizer_spec=str(cfg.ckpt_path))
     if prepared.vocab_size > model.config.vocab_size:
@@ -50,7 +38,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             count += stats.loss.numel()
     loss = loss_sum / count
     result = {"checkpoint": str(cfg.ckpt_path), "data": str(prepared.dir), "split": cfg.split,
-              "tokens": count, "loss": loss, "ppl": math.exp(min(loss, 700.0))}
+              "tokens": count, "loss": loss, "ppl": perplexity(loss)}
     print(f"eval {cfg.split}: loss {loss:.4f}  ppl {result['ppl']:.2f}  tokens {count}  ({prepared.dir})")
     if cfg.out:
         write_json(cfg.out, result)

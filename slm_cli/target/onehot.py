@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from torch import Tensor
 
 from slm_cli.loss import SparseTargets
-from slm_cli.targets.base import Target
+from slm_cli.target.base import Target
 
 
 class OneHot(Target):

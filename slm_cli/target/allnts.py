@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 
 from slm_cli.loss import SparseTargets
-from slm_cli.targets.base import Target, check_ngram_settings, check_weight, mix_with_onehot
+from slm_cli.ngram.keys import context_keys_at
+from slm_cli.target.base import Target, check_ngram_settings, check_weight, mix_with_onehot
 
 if TYPE_CHECKING:
-    from slm_cli.data.prepare import PreparedData
+    from slm_cli.data.prepared import PreparedData
 
 
 class AllNTs(Target):
@@ -36,9 +37,11 @@ class AllNTs(Target):
         self.name, self.n = name, int(n)
         self.weight = check_weight(weight)
         self.tokens: np.ndarray | None = None
+        self.widest = 0
 
-    def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
-        from slm_cli.ngram.build import check_key_width, count_ngrams
+    def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
+        from slm_cli.ngram.build import count_ngrams
+        from slm_cli.ngram.keys import check_key_width
 
         self.tokens = prepared.tokens("train")
         self.bits = check_key_width(self.n, prepared.vocab_size)
@@ -46,17 +49,21 @@ class AllNTs(Target):
         self.next_ids = (keys & np.uint64((1 << self.bits) - 1)).astype(np.int64)
         self.contexts = keys >> np.uint64(self.bits)  # sorted, since the keys are
         self.cum = np.concatenate(([0], np.cumsum(counts, dtype=np.int64)))
+        # The most distinct continuations of any context: the widest soft part a row can have.
+        starts = np.flatnonzero(np.concatenate(([True], self.contexts[1:] != self.contexts[:-1], [True])))
+        self.widest = int(np.diff(starts).max()) if len(self.contexts) else 0
         return {}  # the batch's `positions` locate each label in the stream
+
+    def max_entries(self) -> int:
+        return 1 + max(1, self.widest)  # the one-hot column, then the continuations
 
     def targets(self, batch: Mapping[str, Tensor]) -> SparseTargets | None:
         if self.weight == 0:
             return None
-        assert self.tokens is not None, "AllNTs.aligned(prepared) builds the count table first"
+        assert self.tokens is not None, "AllNTs.token_arrays(prepared) builds the count table first"
         pos = batch["positions"].reshape(-1).cpu().numpy()
         complete = pos >= self.n - 1
-        ctx = np.zeros(len(pos), dtype=np.uint64)
-        for k in range(1, self.n):  # c_j = x_{j−n+1} … x_{j−1}, oldest token in the high bits
-            ctx = (ctx << np.uint64(self.bits)) | self.tokens[np.maximum(pos - self.n + k, 0)].astype(np.uint64)
+        ctx = context_keys_at(self.tokens, pos, self.n, self.bits)
         lo = np.searchsorted(self.contexts, ctx, side="left")
         hi = np.where(complete, np.searchsorted(self.contexts, ctx, side="right"), lo)
         width = max(1, int((hi - lo).max()))

@@ -17,17 +17,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slm_cli.config import fraction
 from slm_cli.errors import SlmError
 from slm_cli.loss import SparseTargets
 
 if TYPE_CHECKING:
-    from slm_cli.data.prepare import PreparedData
+    from slm_cli.data.prepared import PreparedData
 
 
 class Target:
     name: str = "base"
 
-    def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
+    def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         """Per-token arrays aligned with train.bin to gather into every training batch."""
         return {}
 
@@ -35,12 +36,14 @@ class Target:
         """Flat (M, K) targets for the batch's (B, T) labels, or None for one-hot."""
         raise NotImplementedError
 
+    def max_entries(self) -> int:
+        """The widest K :meth:`targets` can return (known after :meth:`token_arrays`), so that
+        training can refuse up front a batch whose (M, K) targets would not fit."""
+        return 1
+
 
 def check_weight(value: object) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= 1
-    if not ok:
-        raise SlmError(f"target.weight={value} must be in [0, 1]: e.g. target.weight=0.5 (0 is plain CLM)")
-    return float(value)
+    return fraction("target.weight", value, closed=True, example="0.5 (0 is plain CLM)")
 
 
 def mix_with_onehot(labels: Tensor, ids: Tensor, probs: Tensor, weight: float) -> SparseTargets:

@@ -2,7 +2,7 @@
 
 `slm ngram` stores, for every training position j, the top-r entries of the full n-gram
 distribution y^all_j of its context c_j (docs/ngram.md). The target is (our normalisation, after
-METHODS.md)
+docs/methods.md)
 
     y^CC_j = y^all_j restricted to top-r(c_j) + 1[x_j ∉ top-r(c_j)] · e_{x_j},
 
@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from slm_cli.loss import SparseTargets
-from slm_cli.targets.base import Target, check_ngram_settings, check_weight, mix_with_onehot
+from slm_cli.target.base import Target, check_ngram_settings, check_weight, mix_with_onehot
 
 if TYPE_CHECKING:
-    from slm_cli.data.prepare import PreparedData
+    from slm_cli.data.prepared import PreparedData
 
 
 class CoCoNTs(Target):
@@ -42,12 +42,15 @@ class CoCoNTs(Target):
         self.name, self.n, self.r, self.path = name, int(n), int(r), path
         self.weight = check_weight(weight)
 
-    def aligned(self, prepared: PreparedData) -> dict[str, np.ndarray]:
+    def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         if self.weight == 0:
             return {}
         from slm_cli.ngram.build import load_ngram
 
         return load_ngram(prepared, self.n, self.r, path=self.path)
+
+    def max_entries(self) -> int:
+        return 1 + self.r + 1  # the one-hot column, the top r, the label outside the top r
 
     def targets(self, batch: Mapping[str, Tensor]) -> SparseTargets | None:
         if self.weight == 0:  # λ = 0 is CLM exactly: the one-hot path, not a soft target of mass 0

@@ -1,0 +1,1 @@
+"""Baselines the benchmarks compare slm with (not part of slm)."""

@@ -1,0 +1,197 @@
+"""selection_step: the step time of each token-selection strategy / CLM's, on a small trunk with GPT-2's
+vocabulary (so the LM head is most of the step), the variants taking turns step by step; goals: <= 1.00
+at keep 0.6, <= 0.90 at keep 0.4."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from benchmarks.common import (
+    CACHE_DIR,
+    Benchmark,
+    compose,
+    compose_train,
+    corpus_overrides,
+    interleaved_trains,
+    table,
+    timing_setup,
+)
+
+if TYPE_CHECKING:
+    from slm_cli.data.prepared import PreparedData
+
+# GPT-2's vocabulary (50304 = 50257 padded to a multiple of 64) on a small trunk, so the LM head is
+# most of the step: what token selection can save is the head's backward on the dropped rows.
+SEL_FULL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "batch_size": 8, "vocab_size": 50304,
+            "rounds": 3, "steps": 5, "warmup": 2, "optional": True}
+SEL_QUICK = {"n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128, "batch_size": 4, "vocab_size": 50304,
+             "rounds": 2, "steps": 3, "warmup": 1, "optional": False}
+REF_NAME = "bench-ref"  # the score folder ref-bench-ref/ beside the benchmark corpus's train.bin
+# The rho1 reference: only its per-token losses matter here (read from disk during training), so it is
+# gpt2-nano cut to L=2, d=64 and trained for a few dozen steps, which keeps `slm score` under ~30 s.
+REF_MODEL = ["model=gpt2-nano", "model.n_layer=2", "model.n_head=2", "model.n_embd=64"]
+REF_STEPS = 40
+
+
+@dataclass
+class Variant:
+    label: str
+    overrides: list[str]
+    keep: float  # nominal keep ratio k
+    goal: float | None  # goal for step time / CLM's step time (None: no goal, for comparison)
+
+
+def _selection_variants(ref_ckpt: Path, optional: bool) -> list[Variant]:
+    rho1 = ["selection=rho1", f"data.tokenizer={ref_ckpt}", f"selection.reference.name={REF_NAME}"]
+    variants = [
+        Variant("clm", ["selection=clm"], 1.0, None),
+        Variant("eslm", ["selection=eslm"], 0.6, 1.00),
+        Variant("eslm score=entropy", ["selection=eslm", "selection.score=entropy"], 0.6, 1.00),
+        Variant("rho1", rho1, 0.6, 1.00),
+        Variant("eslm alpha=0.6", ["selection=eslm", "selection.alpha=0.6"], 0.4, 0.90),
+        Variant("rho1 ratio=0.4", [*rho1, "selection.ratio=0.4"], 0.4, 0.90),
+    ]
+    if optional:  # for the cost model: the head's backward at 1 + 3k instead of 1 + 2k
+        variants.append(Variant("eslm alpha=0.6 recompute",
+                                ["selection=eslm", "selection.alpha=0.6", "loss.keep_probs=false"], 0.4, None))
+    return variants
+
+
+def _reference(data: list[str], prepared: PreparedData, threads: int) -> Path:
+    """A tiny gpt2-nano reference trained with CLM on the benchmark corpus (same BPE, so the data
+    folder is shared), scored over train.bin with `slm score`'s code path. Cached in .cache/."""
+    from slm_cli.commands.score import run as score
+    from slm_cli.errors import SlmError
+    from slm_cli.reference.scores import load_scores
+
+    run_dir = CACHE_DIR / "runs" / "selection_step" / f"reference-L2-d64-{REF_STEPS}steps"  # new settings: new dir
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        with contextlib.suppress(SlmError):
+            load_scores(prepared, name=REF_NAME)
+            print(f"reference: {ckpt} and its scores in {prepared.dir / f'ref-{REF_NAME}'} (cached)")
+            return ckpt
+    t0 = time.perf_counter()
+    overrides = [*data, *REF_MODEL, "data.batch_size=16", "seed=1337", f"trainer.max_steps={REF_STEPS}",
+                 f"trainer.val_check_interval={REF_STEPS}", "trainer.limit_val_batches=2",
+                 f"trainer.checkpoint_every_n_steps={10**9}", "trainer.enable_progress_bar=false", "logger=csv"]
+    interleaved_trains([("reference", overrides, run_dir)], threads)
+    train_s = time.perf_counter() - t0
+    # context = the reference's block size; stride = context scores each token once with less overlap.
+    with contextlib.redirect_stderr(io.StringIO()):  # `slm score`'s progress bar (errors still raise)
+        result = score(compose("score", [*data, f"ckpt_path={ckpt}", f"name={REF_NAME}", "stride=128",
+                                         "batch_size=32"]))
+    print(f"reference: gpt2-nano L=2 d=64, {REF_STEPS} CLM steps ({train_s:.0f}s) -> {ckpt}; scored {result['tokens']:,} "
+          f"tokens at {result['tokens_per_s']:,.0f} tokens/s")
+    return ckpt
+
+
+def selection_step(quick: bool) -> dict[str, Any]:
+    from slm_cli.data.prepare import prepare
+    from slm_cli.selection.base import keep_count
+
+    p = SEL_QUICK if quick else SEL_FULL
+    threads = timing_setup()
+    corpus, data = corpus_overrides()
+    cfg = compose_train(data)
+    prepared = prepare(cfg.data, cfg.paths)
+    ref_ckpt = _reference(data, prepared, threads)
+
+    n_steps = p["warmup"] + p["steps"]
+    model = [f"model.{k}={p[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]
+    base = [
+        *data, "model=gpt2-nano", "model.name=bench-selection", *model, f"data.batch_size={p['batch_size']}",
+        "seed=1337", f"trainer.max_steps={n_steps}", f"trainer.val_check_interval={n_steps}",
+        "trainer.limit_val_batches=1", f"trainer.checkpoint_every_n_steps={10**9}",
+        "trainer.enable_progress_bar=false", "logger=csv",
+    ]
+    M = p["batch_size"] * p["block_size"]
+    variants = _selection_variants(ref_ckpt, p["optional"])
+    print(f"corpus: {corpus} -> {prepared.dir} ({prepared.meta['train_tokens']:,} train tokens, tokenizer vocab "
+          f"{prepared.vocab_size}); model: L={p['n_layer']} H={p['n_head']} d={p['n_embd']} T={p['block_size']}, "
+          f"head vocab {p['vocab_size']}, B={p['batch_size']} -> M={M} tokens/step; torch threads {threads}; "
+          f"{p['rounds']} rounds x {len(variants)} variants x {p['steps']} timed steps (+{p['warmup']} warmup)")
+
+    w = p["warmup"]
+    iters: dict[str, list[float]] = {v.label: [] for v in variants}
+    round_med: dict[str, list[float]] = {v.label: [] for v in variants}
+    paired: dict[str, list[float]] = {v.label: [] for v in variants}  # step i / CLM's step i, same cycle
+    summaries: dict[str, dict[str, Any]] = {}
+    orders = []
+    for r in range(p["rounds"]):
+        # Alternate the order within the cycle: forward, then reversed (then rotated...).
+        shift = (r // 2) * len(variants) // max(1, p["rounds"])
+        order = variants[shift:] + variants[:shift]
+        order = order[::-1] if r % 2 else order
+        orders.append([v.label for v in order])
+        t0 = time.perf_counter()
+        done = interleaved_trains([(v.label, [*base, *v.overrides],
+                                    CACHE_DIR / "runs" / "selection_step" / v.label.replace(" ", "_").replace("=", ""))
+                                   for v in order], threads)
+        for v in order:
+            clock, summary = done[v.label]
+            shutil.rmtree(Path(summary["checkpoint"]).parent, ignore_errors=True)  # ~200 MB each, not needed
+            if clock.threads != threads:
+                raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
+            timed = clock.iters[w:]
+            iters[v.label] += timed
+            round_med[v.label].append(statistics.median(timed))
+            paired[v.label] += [a / b for a, b in zip(timed, done["clm"][0].iters[w:], strict=True)]
+            summaries[v.label] = summary
+        print(f"round {r + 1} ({time.perf_counter() - t0:.0f}s), cycle order: {' -> '.join(orders[-1])}")
+        print("  ms/step (median): " + ", ".join(f"{v.label} {round_med[v.label][-1] * 1e3:.0f}" for v in variants),
+              flush=True)
+
+    clm_med = statistics.median(iters["clm"])
+    rows, figures = [], {}
+    for v in variants:
+        med = statistics.median(iters[v.label])
+        per_round = [a / b for a, b in zip(round_med[v.label], round_med["clm"], strict=True)]
+        # The overall ratio is the median of the paired per-step ratios: robust to load that changes
+        # between rounds (pooling the steps of a loaded and a quiet round mixes two step times).
+        ratio = statistics.median(paired[v.label])
+        pooled = med / clm_med
+        s = summaries[v.label]
+        frac = s["selected_tokens"] / s["train_tokens"]
+        expected = keep_count(v.keep, M) / M
+        if abs(frac - expected) > 1e-12:
+            raise AssertionError(f"{v.label}: selected_tokens/train_tokens = {frac} but ceil(k*M)/M = {expected}")
+        goal = "" if v.goal is None else f"<= {v.goal:.2f} {'met' if ratio <= v.goal else 'NOT met'}"
+        rows.append([v.label, f"{v.keep:.1f}", f"{frac:.4f}", f"{med * 1e3:.0f}",
+                     " ".join(f"{x:.3f}" for x in per_round), f"{ratio:.3f}", f"{pooled:.3f}", goal,
+                     f"{1 - ratio:+.3f}", f"{s['flops_saved_frac_realized']:.3f}", f"{s['flops_saved_frac']:.3f}"])
+        figures[v.label] = {
+            "overrides": v.overrides, "keep": v.keep, "selected_frac": frac, "expected_selected_frac": expected,
+            "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in round_med[v.label]],
+            "ratio": ratio, "ratio_per_round": per_round, "ratio_median_of_rounds": statistics.median(per_round),
+            "ratio_pooled": pooled,
+            "goal": v.goal, "time_saved_frac": 1 - ratio,
+            "flops_saved_frac_realized": s["flops_saved_frac_realized"], "flops_saved_frac": s["flops_saved_frac"],
+        }
+    print()
+    print(table(["variant", "k", "selected/M", "ms/step", "ratio per round", "ratio", "pooled", "goal", "time saved",
+                 "realised saved", "nominal saved"], rows))
+    print(f"\nms/step: median over all rounds of end of batch i-1 -> end of batch i (loader, hooks, logging, "
+          f"training_step); ratio per round = the round's median ms/step / CLM's; ratio = median over all timed "
+          f"steps of step i / CLM's step i of the same cycle; pooled = median ms/step / CLM's ({clm_med * 1e3:.0f} "
+          f"ms); time saved = 1 - ratio; "
+          f"realised/nominal saved: summary.json flops_saved_frac_realized / flops_saved_frac; "
+          f"selected/M = ceil(k*M)/M checked for every variant")
+    return {
+        "quick": quick, "corpus": corpus, **{k: p[k] for k in ("n_layer", "n_head", "n_embd", "block_size",
+                                                                "batch_size", "vocab_size")},
+        "tokenizer_vocab": prepared.vocab_size, "tokens_per_step": M, "rounds": p["rounds"],
+        "timed_steps_per_round": p["steps"], "warmup_steps": w, "orders": orders, "reference": str(ref_ckpt),
+        "clm_ms_per_step": clm_med * 1e3, "variants": figures,
+    }
+
+
+BENCHMARK = Benchmark("selection_step",
+                      "step time of each selection strategy / CLM's (slm train, GPT-2 vocabulary)", selection_step)

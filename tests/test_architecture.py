@@ -1,0 +1,73 @@
+"""docs/architecture.md stays true: every module it names exists and imports, every library module
+is named there, and no module imports from a layer above its own."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "architecture.md"
+
+
+def layers() -> dict[str, int]:
+    """module name -> layer, from the table in docs/architecture.md (`a.py`, `b.py` shorthand included)."""
+    found: dict[str, int] = {}
+    for line in DOC.read_text().splitlines():
+        row = re.match(r"\|\s*(\d+)\s*\|(.*?)\|", line)
+        if not row:
+            continue
+        folder = ""
+        for path in re.findall(r"`([\w/]+\.py)`", row.group(2)):
+            if "/" in path:
+                folder = path.rsplit("/", 1)[0]
+            else:
+                path = f"{folder}/{path}"
+            found[path[: -len(".py")].replace("/", ".")] = int(row.group(1))
+    return found
+
+
+def test_every_listed_module_imports() -> None:
+    table = layers()
+    assert len(table) > 30
+    for name in table:
+        importlib.import_module(name)
+
+
+def test_every_library_module_is_listed() -> None:
+    modules = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "slm_cli").rglob("*.py")
+               if p.name != "__init__.py"}
+    missing = modules - set(layers())
+    assert not missing, f"modules missing from docs/architecture.md: {sorted(missing)}"
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("slm_cli"):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("slm_cli"))
+    return names
+
+
+def test_no_import_runs_up_the_layers() -> None:
+    table = layers()
+    upward = []
+    for module, layer in table.items():
+        path = ROOT / (module.replace(".", "/") + ".py")
+        for name in _imports(path):
+            target = next((m for m in (name, name.rsplit(".", 1)[0]) if m in table), None)
+            if target is not None and table[target] > layer:
+                upward.append(f"{module} (layer {layer}) imports {target} (layer {table[target]})")
+    assert not upward, "\n".join(upward)
+
+
+def test_the_layer_check_can_fail(tmp_path: Path) -> None:
+    """The parser sees an upward import (a module of layer 0 importing the top)."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from slm_cli.__main__ import main\n")
+    assert "slm_cli.__main__.main" in _imports(bad) and layers()["slm_cli.__main__"] > 0
