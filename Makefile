@@ -16,7 +16,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev,wandb,tensorboard,slurm,hf,report]"
+	$(BIN)/pip install -q -e ".[dev,wandb,tensorboard,slurm,hf,report,eval]"
 	touch $(STAMP)
 
 train: install  ## prepare the embedded stdlib corpus and train gpt2-nano on it

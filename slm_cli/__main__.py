@@ -11,6 +11,8 @@ import os
 import re
 import sys
 
+from slm_cli import completion
+
 # subcommand -> (module in slm_cli.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenize a corpus into train.bin / val.bin / meta.json"),
@@ -21,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("export", "a checkpoint as a Hugging Face transformers folder"),
     "sample": ("sample", "print continuations of a prompt from a checkpoint"),
     "report": ("report", "tables and plots comparing runs and sweeps: report.md/.csv/.html"),
+    "tokens": ("tokens", "an HTML page colouring each token of a text by its loss, with the selection marked"),
+    "dynamics": ("dynamics", "per-token loss across a run's checkpoints: RHO-1's H→H, L→H, H→L, L→L classes"),
 }
 
 USAGE = """usage: slm <command> [hydra overrides...] [-m] [--help] [--cfg job]
@@ -30,13 +34,14 @@ commands:
 
 examples:
   slm train                                   # gpt2-nano on the embedded stdlib corpus
-  slm train +experiment=NAME trainer.max_steps=1000
+  slm train +experiment=NAME trainer.max_steps=1000   # or experiment=NAME
   slm train -m optim.lr=3e-4,1e-3 seed=1,2    # a sweep, one run dir per job
   slm prepare data=text data.path=corpus.txt
   slm eval ckpt_path=outputs/train/<run>/checkpoints/last.ckpt data=stdlib
-  slm report outputs/train/multirun/<date>     # tables and plots of a sweep (no argument: the latest)
+  slm report outputs/train/multirun/<date>    # tables and plots of a sweep (no argument: the latest)
 
-`slm <command> --help` shows the config groups and keys of that command."""
+`slm <command> --help` shows the config groups and keys of that command.
+eval "$(slm -sc install=bash)" completes commands, groups, keys and values in bash."""
 
 
 # Commands whose bare arguments (neither `key=value` nor a flag) are paths: they become one list
@@ -46,6 +51,12 @@ POSITIONAL: dict[str, str] = {"report": "runs"}
 _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                      "--config-dir", "-cd", "--experimental-rerun"}
 _INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+
+
+# Groups that a command's root config lists as `group: null`, so that `group=NAME` works: Hydra then
+# refuses `+group=NAME` ("Multiple values"), the spelling the docs have always shown; read it as
+# `group=NAME`.
+NULL_DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"train": ("experiment",)}
 
 
 def _is_override(arg: str) -> bool:
@@ -71,6 +82,19 @@ def positional_to_override(args: list[str], key: str) -> list[str]:
         raise ValueError(f"pass paths either as arguments or as {key}=[...], not both")
     quoted = ",".join("'" + path.replace("'", "\\'") + "'" for path in bare)
     return [*rest, f"{key}=[{quoted}]"]
+
+
+def plus_to_override(args: list[str], groups: tuple[str, ...]) -> list[str]:
+    """``args`` with ``+group=...`` read as ``group=...`` for each of ``groups``."""
+    plus = re.compile(rf"^\+(?=(?:{'|'.join(map(re.escape, groups))})=)") if groups else None
+    return [plus.sub("", arg) for arg in args] if plus else args
+
+
+def normalise(command: str, args: list[str]) -> list[str]:
+    """A command's arguments as its Hydra app takes them (ValueError for a contradiction)."""
+    if command in POSITIONAL:
+        args = positional_to_override(args, POSITIONAL[command])
+    return plus_to_override(args, NULL_DEFAULT_GROUPS.get(command, ()))
 
 
 def _usage() -> str:
@@ -109,6 +133,15 @@ def _is_config_error(exc: BaseException) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    request = completion.requested(argv)
+    if request is not None:  # `slm [command] -sc ...`: the completion script or a query
+        try:
+            argv = completion.respond(request, list(COMMANDS), normalise)
+        except ValueError as exc:
+            print(f"slm: error: {exc}", file=sys.stderr)
+            return 2
+        if not argv:
+            return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
@@ -125,12 +158,11 @@ def main(argv: list[str] | None = None) -> int:
 
     module = importlib.import_module(f"slm_cli.commands.{COMMANDS[command][0]}")
     slm_cli.commands.PROGRAM = sys.argv[0]
-    if command in POSITIONAL:
-        try:
-            rest = positional_to_override(rest, POSITIONAL[command])
-        except ValueError as exc:
-            print(f"slm {command}: error: {exc}", file=sys.stderr)
-            return 2
+    try:
+        rest = normalise(command, rest)
+    except ValueError as exc:
+        print(f"slm {command}: error: {exc}", file=sys.stderr)
+        return 2
     sys.argv = [f"slm {command}", *rest]
     try:
         try:

@@ -16,6 +16,9 @@ from omegaconf import DictConfig
 from slm_cli.errors import SlmError
 
 SCOPES = ("global", "local")  # selection.scope: see slm_cli/selection/plan.py
+# data.encoding_errors: what reading .txt/.jsonl files does with bytes that are not UTF-8 (the
+# `errors=` of Python's decode; see slm_cli/data/sources.py).
+ENCODING_ERRORS = ("strict", "replace", "ignore")
 
 
 def _check(ok: bool, key: str, value: Any, rule: str, fix: str) -> None:
@@ -66,6 +69,9 @@ def check_data(data: DictConfig) -> None:
         positive_int(data, "data", "max_bytes", "pass a positive byte count or null")
     _check(is_int(data.num_workers) and data.num_workers >= 0, "data.num_workers", data.num_workers,
            "must be an integer >= 0", "e.g. data.num_workers=0")
+    errors = data.get("encoding_errors", "strict")
+    _check(errors in ENCODING_ERRORS, "data.encoding_errors", errors, "is unknown",
+           "use one of strict, replace, ignore")
 
 
 def check_model(model: DictConfig) -> None:

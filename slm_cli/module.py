@@ -184,7 +184,8 @@ class SLMModule(L.LightningModule):
                                               reduce_op="sum")
         tokens, selected = int(counts[0]), int(counts[1])
         step = flops.step_flops(self.model_config, tokens, selected, keep_probs=self.keep_probs,
-                                extra_forward=self.selection.extra_forward_flops(tokens), scoring_pass=rescored)
+                                extra_forward=self.selection.extra_forward_flops(tokens)
+                                + self.target.extra_forward_flops(tokens), scoring_pass=rescored)
         self.flops_per_batch = step.realized / self.trainer.world_size
         self.counters["train_tokens"] += tokens
         self.counters["selected_tokens"] += selected

@@ -15,7 +15,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from slm_cli import flops
+from slm_cli import flops, plan
+from slm_cli.budget import Budget, resolve_hardware
+from slm_cli.budget import apply as apply_budget
 from slm_cli.config import check_train
 from slm_cli.data.module import SLMDataModule
 from slm_cli.data.prepare import prepare
@@ -31,7 +33,7 @@ from slm_cli.module import SLMModule
 from slm_cli.outputs import load_checkpoint, write_json
 from slm_cli.selection.base import Selection
 from slm_cli.target.base import Target
-from slm_cli.trainer import build_trainer
+from slm_cli.trainer import build_trainer, finish_loggers
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,13 @@ def model_config(cfg: DictConfig, prepared: PreparedData) -> GPTConfig:
     if cfg.model.vocab_size is not None and cfg.model.vocab_size < vocab:
         raise SlmError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
                        f"({vocab}, {prepared.dir}): set model.vocab_size=null to use the tokenizer's")
+    return gpt_config(cfg, cfg.model.vocab_size or vocab)
+
+
+def gpt_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
+    """conf/model/ instantiated (its `_target_` is GPTConfig) with this vocabulary."""
     settings = OmegaConf.masked_copy(cfg.model, [k for k in cfg.model if k not in ("name", "vocab_size")])
-    return instantiate(settings, vocab_size=cfg.model.vocab_size or vocab)
+    return instantiate(settings, vocab_size=vocab_size)
 
 
 def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, path: str) -> None:
@@ -93,11 +100,36 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return None
 
 
+def resolve_config(cfg: DictConfig) -> Budget:
+    """The config's values checked, `auto` hardware picked and the budget written back."""
+    resolve_hardware(cfg)
+    check_train(cfg)
+    return apply_budget(cfg)
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    """`slm train dry_run=true`: the plan, printed, without preparing data or training."""
+    budget = resolve_config(cfg)
+    vocab, source = plan.vocab_size(cfg)
+    gpt = gpt_config(cfg, vocab)
+    figures = plan.make(cfg, gpt, budget)
+    print(f"plan (vocabulary from {source}):\n{plan.describe(figures, cfg)}")
+    capacity, what = plan.device_memory(cfg.trainer.accelerator)
+    verdict = "fits" if figures["memory_total"] <= capacity else "does NOT fit"
+    print(f"memory      {figures['memory_total'] / plan.GIB:.2f} GiB {verdict} in the {what} "
+          f"({capacity / plan.GIB:.1f} GiB)")
+    if cfg.get("plan_out"):
+        write_json(cfg.plan_out, figures)
+    return figures
+
+
 def setup(
     cfg: DictConfig, run_dir: Path, ckpt_path: str | None
 ) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
-    check_train(cfg)
+    budget = resolve_config(cfg)
+    # Memory first, from the configured vocabulary: a run that cannot fit stops before preparing data.
+    plan.check_fits(plan.make(cfg, gpt_config(cfg, plan.vocab_size(cfg)[0]), budget), cfg)
     resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
@@ -164,6 +196,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     except SlmError:
         discard_unstarted(run_dir)
         raise
+    # A preempted run (SIGTERM, or SLURM's warning before a time limit) does not come back from fit:
+    # slm_cli/preemption.py saves last.ckpt at the step reached and exits for the requeue, so what
+    # follows (final validation, last.ckpt, summary.json) runs only for a finished run.
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     if module.val_step != trainer.global_step:
         trainer.validate(module, datamodule=datamodule, verbose=False)
@@ -209,4 +244,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"run: {run_dir}\nval_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
               f"steps {summary['steps']}  tokens {summary['train_tokens']}  "
               f"{summary['train_tokens_per_s']:.0f} tokens/s  wall {summary['wall_s']:.0f}s")
+    finish_loggers(trainer)
     return summary

@@ -34,3 +34,28 @@ def train(run_dir: Path, data_dir: Path, *overrides: str, cwd: Path) -> dict:
     ok(slm("train", f"hydra.run.dir={run_dir}", f"paths.data_dir={data_dir}", *TINY_DATA, *TINY_MODEL, *QUIET,
            *overrides, cwd=cwd))
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def float64_token_stats(ckpt_path: Path, input_ids, labels):  # type: ignore[no-untyped-def]
+    """An independent reference for per-token statistics: the checkpoint's GPT run entirely in
+    float64 and torch's own F.cross_entropy / softmax over the (padded) tied head, as slm trains.
+    Returns (loss, entropy), float64 arrays shaped like ``labels``."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from slm_cli.model.gpt import GPT, GPTConfig
+
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    model = GPT(GPTConfig(**ckpt["slm"]["model"]))
+    model.load_state_dict({k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")})
+    model = model.double().eval()
+    with torch.no_grad():
+        hidden = model(torch.as_tensor(np.asarray(input_ids)))  # (B, T, d): ln_f of the last block
+        logits = hidden @ model.lm_head.weight.T
+        flat = logits.reshape(-1, logits.shape[-1])
+        y = torch.as_tensor(labels).reshape(-1)
+        loss = F.cross_entropy(flat, y, reduction="none")
+        entropy = -(F.softmax(flat, -1) * F.log_softmax(flat, -1)).sum(-1)
+    shape = tuple(torch.as_tensor(labels).shape)
+    return loss.reshape(shape).numpy(), entropy.reshape(shape).numpy()

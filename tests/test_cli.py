@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,18 +41,40 @@ def test_every_model_size_composes(tmp_path: Path) -> None:
 def test_experiment_composes_and_command_line_wins(tmp_path: Path) -> None:
     cfg = job_config("+experiment=clm_gpt2", cwd=tmp_path)
     assert cfg["model"]["n_layer"] == 12 and cfg["data"]["name"] == "openwebtext"
-    assert cfg["trainer"]["accumulate_grad_batches"] == 40
+    assert cfg["data"]["global_batch_size"] == 480
     cfg = job_config("+experiment=clm_gpt2", "data=stdlib", "model=gpt2-nano", "optim.lr=1e-3", cwd=tmp_path)
     assert cfg["model"]["n_layer"] == 4 and cfg["data"]["name"] == "stdlib" and cfg["optim"]["lr"] == 1e-3
-    assert cfg["trainer"]["accumulate_grad_batches"] == 40  # what the command line did not override stays
+    assert cfg["trainer"]["max_steps"] == 600000  # what the command line did not override stays
+
+
+def test_experiment_with_or_without_plus(tmp_path: Path) -> None:
+    """conf/train.yaml lists `experiment: null`, so `experiment=NAME` works; `slm train` reads the
+    documented `+experiment=NAME` (which Hydra alone refuses then) the same way."""
+    reference = yaml.safe_load((REPO / "conf" / "experiment" / "eslm_tiny.yaml").read_text())
+    plus = job_config("+experiment=eslm_tiny", "seed=7", cwd=tmp_path)
+    bare = job_config("experiment=eslm_tiny", "seed=7", cwd=tmp_path)
+    assert plus == bare
+    # The experiment comes after train.yaml's own keys (task_name is set in both) and before the command line.
+    assert plus["task_name"] == reference["task_name"] == "eslm_tiny" and plus["seed"] == 7
+    assert plus["selection"]["_target_"] == "slm_cli.selection.eslm.ESLM"
+    assert job_config(cwd=tmp_path)["task_name"] == "train"  # no experiment: the default stays null
+    proc = slm("train", "++experiment=eslm_tiny", "--cfg", "job", cwd=tmp_path)  # only + is read as =
+    assert proc.returncode == 1 and "force-add of config groups is not supported" in proc.stderr
 
 
 def test_non_editable_install_finds_its_configs(tmp_path: Path) -> None:
     """Install the package (not editable) into a folder and run it from elsewhere: conf/ must ship
     inside it as slm_cli.conf, and every subpackage must be in the install."""
     target = tmp_path / "site"
+    # Built from a copy: setuptools reuses an in-tree build/ folder, which can hold files deleted since.
+    source_copy = tmp_path / "source"
+    source_copy.mkdir()
+    for part in ("pyproject.toml", "README.md", "slm_cli", "conf", "corpora"):
+        copy = shutil.copytree if (REPO / part).is_dir() else shutil.copy2
+        copy(REPO / part, source_copy / part, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                 if (REPO / part).is_dir() else {}))
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(target), str(REPO)], check=True, capture_output=True)
+                    "--target", str(target), str(source_copy)], check=True, capture_output=True)
     installed = {p.relative_to(target).with_suffix("").as_posix() for p in (target / "slm_cli").rglob("*.py")}
     source = {p.relative_to(REPO).with_suffix("").as_posix() for p in (REPO / "slm_cli").rglob("*.py")}
     assert source <= installed
@@ -74,7 +97,7 @@ def test_gpt2_experiment_runs_with_small_overrides(tiny_data: Path, tmp_path: Pa
     run = tmp_path / "run"
     ok(slm("train", "+experiment=eslm_gpt2", "data=stdlib", "model=gpt2-nano", f"hydra.run.dir={run}",
            f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET, "trainer.max_steps=2",
-           "trainer.accumulate_grad_batches=2", cwd=tmp_path))
+           "data.global_batch_size=8", cwd=tmp_path))  # 8 windows = batch 4 × 2 micro-batches
     summary = json.loads((run / "summary.json").read_text())
     assert summary["selection"] == "eslm" and summary["model"] == "gpt2-nano" and summary["steps"] == 2
     assert summary["train_tokens"] == 2 * 2 * 4 * 32  # steps × micro-batches × batch × context

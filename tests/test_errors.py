@@ -44,7 +44,8 @@ def bad_train(tmp_path: Path, data_dir: Path, *overrides: str):
         (["optim.lr=0"], ["optim.lr=0"]),
         (["data.batch_size=0"], ["data.batch_size=0", "positive"]),
         (["model.n_embd=65"], ["model.n_embd", "n_head"]),
-        (["model.block_size=1000000"], ["model.block_size", "larger corpus"]),
+        (["model.block_size=1000000", "trainer.check_memory=false"], ["model.block_size", "larger corpus"]),
+        (["model.block_size=1000000"], ["GiB per device", "model.block_size", "trainer.check_memory=false"]),
         (["model.vocab_size=100"], ["model.vocab_size=100", "tokenizer"]),
         (["data.val_fraction=1.5"], ["data.val_fraction"]),
         (["data=text", "data.path=/does/not/exist"], ["/does/not/exist", "data.path"]),
@@ -53,7 +54,7 @@ def bad_train(tmp_path: Path, data_dir: Path, *overrides: str):
         # GPU-only settings on this CPU-only machine: one line, before any work
         pytest.param(["trainer=gpu"], ["trainer.accelerator=gpu", "no CUDA GPU", "trainer=cpu"],
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
-        pytest.param(["trainer=fsdp"], ["no CUDA GPU", "trainer.accelerator=cpu"],
+        pytest.param(["trainer=fsdp", "trainer.accelerator=gpu"], ["no CUDA GPU", "trainer.accelerator=cpu"],
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")),
         (["trainer.accelerator=cpu", "trainer.precision=16-mixed"], ["trainer.precision=16-mixed", "needs a GPU"]),
         (["hydra/launcher=slurm"], ["hydra/launcher=slurm", "add -m"]),

@@ -42,6 +42,19 @@ def test_multirun_runs_jobs_one_after_another(tiny_data: Path, tmp_path: Path) -
         assert config["selection"]["alpha"] == alpha and config["task_name"] == "eslm_tiny"
 
 
+def test_multirun_over_experiments(tiny_data: Path, tmp_path: Path) -> None:
+    """`-m experiment=a,b` sweeps over experiments (the group is in train.yaml's defaults), each job
+    composing its own. (`-m +experiment=...`, read as the same: the test above.)"""
+    sweep = tmp_path / "sweep"
+    ok(slm("train", "-m", "experiment=clm_tiny,random_tiny", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tiny_data}",
+           *TINY_DATA, *TINY_MODEL, *QUIET, "trainer.max_steps=1", "trainer.val_check_interval=1", cwd=tmp_path))
+    runs = summaries(sweep)
+    assert [runs[job]["selection"] for job in ("0", "1")] == ["clm", "random"]
+    for job, name in (("0", "clm_tiny"), ("1", "random_tiny")):
+        assert yaml.safe_load((sweep / job / ".hydra" / "config.yaml").read_text())["task_name"] == name
+        assert f"experiment={name}" in yaml.safe_load((sweep / job / ".hydra" / "overrides.yaml").read_text())
+
+
 def test_multirun_of_ddp_jobs_relaunches_each_job_in_its_own_dir(tiny_data: Path, tmp_path: Path) -> None:
     """Each job's second rank starts with that job's overrides (not the whole sweep) in that job's
     dir, and the second job launches its ranks afresh instead of waiting for the first job's."""
@@ -83,3 +96,27 @@ def test_sweep_ratios_script_rejects_bad_input(tmp_path: Path) -> None:
                               cwd=tmp_path, env={**os.environ, "SLM": "false"}, capture_output=True, text=True)
         assert proc.returncode == 2 and words in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_wandb_runs_follow_run_dirs_and_sweeps(tiny_data: Path, tmp_path: Path) -> None:
+    """Each job of a sweep is its own W&B run, named after its overrides and grouped by the sweep;
+    a job that continues in its run dir (a requeue) continues the same W&B run (offline mode)."""
+    import torch
+
+    pytest.importorskip("wandb")
+    sweep = tmp_path / "sweep"
+    ok(slm("train", "-m", "logger=wandb", "seed=1,2", f"hydra.sweep.dir={sweep}", f"paths.data_dir={tiny_data}",
+           *TINY_DATA, *TINY_MODEL, *QUIET, "trainer.max_steps=1", "trainer.val_check_interval=1", cwd=tmp_path,
+           env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}))
+    names = {}
+    for job in ("0", "1"):
+        w = torch.load(sweep / job / "checkpoints" / "last.ckpt", weights_only=True)["slm"]["config"]["logger"]["wandb"]
+        names[job] = w
+        runs = list((sweep / job / "wandb").glob(f"offline-run-*-{w['id']}"))
+        assert len(runs) == 1, list((sweep / job / "wandb").iterdir())
+        assert w["group"] == f"train/{sweep.name}" and f"seed={int(job) + 1}" in w["name"]
+    assert names["0"]["id"] != names["1"]["id"] and names["0"]["name"] != names["1"]["name"]
+    ok(slm("train", "logger=wandb", "seed=1", f"hydra.run.dir={sweep}/0", f"paths.data_dir={tiny_data}", *TINY_DATA,
+           *TINY_MODEL, *QUIET, "trainer.max_steps=2", "trainer.val_check_interval=1", cwd=tmp_path,
+           env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}))
+    assert len(list((sweep / "0" / "wandb").glob(f"offline-run-*-{names['0']['id']}"))) == 2  # the same W&B run

@@ -1,8 +1,10 @@
 """One thin Hydra entry point per `slm` subcommand; the work happens in the components."""
 
 from slm_cli.data.corpora import register_resolvers
+from slm_cli.loggers import register_resolvers as register_logger_resolvers
 
 register_resolvers()  # ${corpus:NAME} in configs: a vendored corpus file (slm_cli/data/corpora.py)
+register_logger_resolvers()  # W&B run ids, names and groups (slm_cli/loggers.py)
 
 CONFIG_PATH = "pkg://slm_cli.conf"
 VERSION_BASE = "1.3"

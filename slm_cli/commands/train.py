@@ -18,6 +18,14 @@ def main(cfg: DictConfig) -> float | None:
     from slm_cli.errors import SlmError
     from slm_cli.train import discard_unstarted, train
 
+    if cfg.dry_run:
+        from slm_cli.train import dry_run
+
+        try:
+            dry_run(cfg)
+        finally:  # a plan leaves no run dir behind
+            discard_unstarted(Path(cfg.paths.output_dir))
+        return None
     try:
         check_launcher()
     except SlmError:

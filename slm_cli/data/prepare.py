@@ -24,7 +24,13 @@ from tokenizers import Tokenizer
 from slm_cli.config import check_data
 from slm_cli.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, load_prepared, token_dtype
 from slm_cli.data.sidecar import commit, staged
-from slm_cli.data.sources import load_documents, source_description, source_fingerprint, source_name
+from slm_cli.data.sources import (
+    encoding_errors,
+    load_documents,
+    source_description,
+    source_fingerprint,
+    source_name,
+)
 from slm_cli.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_bpe
 from slm_cli.errors import SlmError
 
@@ -52,6 +58,7 @@ def _settings(data_cfg: DictConfig, tokenizer: str) -> dict[str, Any]:
         else None,
         "text_field": data_cfg.text_field,
         "sample_by": data_cfg.sample_by,
+        "encoding_errors": encoding_errors(data_cfg),  # in the fingerprint through source_fingerprint
         "max_bytes": data_cfg.max_bytes,
         "val_fraction": val_fraction,
         "tokenizer": tokenizer,

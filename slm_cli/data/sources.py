@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import glob
 import hashlib
 import json
@@ -25,6 +26,8 @@ SAMPLE_BY = ("document", "paragraph", "line")
 # Stdlib folders that are not representative library code (or not library code at all).
 STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo"})
 PATH_FIX = "point data.path at a .txt/.jsonl/.parquet file, a folder or a glob"
+# Bytes decoded at a time when checking a file is UTF-8: the check's memory, not its speed.
+UTF8_CHECK_CHUNK = 1 << 20
 
 
 def _cfg(data_cfg: DictConfig, key: str) -> Any:
@@ -98,6 +101,47 @@ def _files(data_cfg: DictConfig) -> list[Path]:
     return _cap_files(_resolve_path(_required(data_cfg, "path", PATH_FIX)), data_cfg.max_bytes)
 
 
+def encoding_errors(data_cfg: DictConfig) -> str | None:
+    """How undecodable bytes are read: always ``replace`` for the stdlib (the default corpus must
+    load on every Python install), data.encoding_errors for local files, None for the hub (whose
+    datasets arrive decoded)."""
+    if data_cfg.source == "stdlib":
+        return "replace"
+    return str(data_cfg.get("encoding_errors", "strict")) if data_cfg.source == "files" else None
+
+
+def first_invalid_utf8(path: Path) -> int | None:
+    """The byte offset of the first byte of ``path`` that is not valid UTF-8, or None."""
+    decoder = codecs.getincrementaldecoder("utf-8")("strict")
+    consumed = 0  # bytes handed to the decoder so far
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(UTF8_CHECK_CHUNK)
+            pending = len(decoder.getstate()[0])  # an incomplete sequence held from the last chunk
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as e:  # e.start counts from the held bytes
+                return consumed - pending + e.start
+            if not chunk:
+                return None
+            consumed += len(chunk)
+
+
+def _check_utf8(files: list[str]) -> None:
+    """With data.encoding_errors=strict, name the first file and byte that are not UTF-8 before
+    `datasets` fails on them deep inside its builder (or, for .jsonl, stores them unchecked)."""
+    for file in files:
+        offset = first_invalid_utf8(Path(file))
+        if offset is not None:
+            with open(file, "rb") as f:
+                f.seek(offset)
+                byte = f.read(1)
+            raise SlmError(
+                f"{file} is not valid UTF-8 at byte {offset} (0x{byte.hex()}): "
+                "set data.encoding_errors=replace (or ignore) to read it anyway, or re-encode the file as UTF-8"
+            )
+
+
 def _check_source(data_cfg: DictConfig) -> None:
     if data_cfg.source not in ("stdlib", "files", "hub"):
         raise SlmError(f"data.source={data_cfg.source} is unknown: use stdlib, files or hub")
@@ -156,6 +200,8 @@ def source_fingerprint(data_cfg: DictConfig) -> str:
         desc["files"] = _file_stats(_files(data_cfg), _stdlib_root())
     elif data_cfg.source == "files":
         desc["files"] = _file_stats(_files(data_cfg))
+        if encoding_errors(data_cfg) != "strict":  # only then: fingerprints from before the key stay valid
+            desc["encoding_errors"] = encoding_errors(data_cfg)
     else:
         hub_name = _required(data_cfg, "hub_name", "set data.hub_name to a `datasets` hub name")
         desc["hub"] = [hub_name, data_cfg.hub_config, data_cfg.hub_split]
@@ -233,6 +279,15 @@ def load_documents(data_cfg: DictConfig, cache_dir: Path) -> Any:
         else:
             builder = SUFFIX_BUILDERS[Path(files[0]).suffix]
             kwargs = {"sample_by": data_cfg.sample_by} if builder == "text" else {}
+            errors = encoding_errors(data_cfg)
+            if builder in ("text", "json") and errors == "strict":
+                _check_utf8(files)
+            elif builder in ("text", "json"):
+                kwargs["encoding_errors"] = errors
+                if builder == "json":
+                    # The json builder hands UTF-8 bytes to pyarrow undecoded, ignoring
+                    # encoding_errors; it decodes (with them) for any other spelling of the codec.
+                    kwargs["encoding"] = "utf_8"
         ds = _load(
             what,
             f"check the files are valid UTF-8 {builder} files; {PATH_FIX}",

@@ -41,6 +41,11 @@ class Target:
         training can refuse up front a batch whose (M, K) targets would not fit."""
         return 1
 
+    def extra_forward_flops(self, tokens: int) -> float:
+        """Forward FLOPs the target spends outside the trained model for ``tokens`` tokens (a KD
+        teacher run on every micro-batch), counted in the nominal and realised totals."""
+        return 0.0
+
 
 def check_weight(value: object) -> float:
     return fraction("target.weight", value, closed=True, example="0.5 (0 is plain CLM)")
