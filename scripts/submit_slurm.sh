@@ -13,12 +13,14 @@
 # SLURM always agree (a mismatch hangs Lightning).
 #
 # Requeue: this batch script is the only owner. SLURM sends USR1 to the batch shell (B:) 120 s
-# before the time limit; the trap below runs `scontrol requeue`, SLURM stops the run (SIGTERM,
-# Lightning stops after the current step) and starts the script again under the same job id. The
-# run dir is fixed per job id, so the restarted `slm train` finds its checkpoints/last.ckpt and
-# resumes from it (work since the last trainer.checkpoint_every_n_steps checkpoint is redone).
-# Lightning never requeues (slm uses SLURMEnvironment(auto_requeue=False)). The job is requeued
-# until it finishes or you `scancel` it.
+# before the time limit; the trap below passes it on to the tasks through srun, each `slm train`
+# saves checkpoints/last.ckpt at the end of the step in progress and exits (slm_cli/preemption.py),
+# and then the script runs `scontrol requeue`: SLURM starts it again under the same job id. The run
+# dir is fixed per job id, so the restarted `slm train` resumes from the step it had reached.
+# Keep the 120 s above one training step plus one checkpoint save: a run still busy at the time
+# limit is killed and not requeued. On SIGTERM (scontrol requeue, preemption, scancel) slm saves
+# the same way before it exits. Lightning never requeues (slm uses
+# SLURMEnvironment(auto_requeue=False)). The job is requeued until it finishes or you `scancel` it.
 #
 # Environment (export before sbatch; sbatch passes the environment on):
 #   SLM_TRAINER   trainer config group (default ddp; fsdp for sharded training, cpu for a CPU test)
@@ -54,12 +56,14 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
 echo "slm: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
      "${NNODES} node(s) x ${NTASKS_PER_NODE} task(s), trainer=${TRAINER}, run dir ${RUN_DIR}"
 
+requeue_wanted=0
 # shellcheck disable=SC2317  # (run by the trap)
-requeue() {
-    echo "slm: time limit near: requeueing job ${SLURM_JOB_ID}; it resumes from ${RUN_DIR}/checkpoints/last.ckpt"
-    scontrol requeue "${SLURM_JOB_ID}" || echo "slm: scontrol requeue ${SLURM_JOB_ID} failed" >&2
+time_limit_near() {
+    echo "slm: time limit near: job ${SLURM_JOB_ID} saves the step it is at, then is requeued"
+    requeue_wanted=1
+    kill -USR1 "$srun_pid" 2>/dev/null || true   # srun passes the signal on to every task
 }
-trap requeue USR1
+trap time_limit_near USR1
 
 # srun in the background: bash runs a trap only between commands, and `wait` returns at once when
 # the signal arrives.
@@ -71,4 +75,10 @@ while :; do
     wait "$srun_pid" && status=0 || status=$?
     kill -0 "$srun_pid" 2>/dev/null || break   # srun has ended (not just a trapped signal)
 done
+# After the warning, a run that did not finish (it stopped at its checkpoint: exit 128 + 10) goes
+# back to the queue and resumes from ${RUN_DIR}/checkpoints/last.ckpt.
+if [[ $requeue_wanted == 1 && $status != 0 ]]; then
+    echo "slm: requeueing job ${SLURM_JOB_ID} (slm exited with ${status}); it resumes from ${RUN_DIR}/checkpoints/last.ckpt"
+    scontrol requeue "${SLURM_JOB_ID}" || echo "slm: scontrol requeue ${SLURM_JOB_ID} failed" >&2
+fi
 exit "$status"

@@ -17,7 +17,7 @@ from slm_cli import completion
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("prepare", "tokenize a corpus into train.bin / val.bin / meta.json"),
     "train": ("train", "pretrain a GPT with a token-selection strategy"),
-    "eval": ("eval", "perplexity of a checkpoint on a corpus split"),
+    "eval": ("eval", "perplexity of a checkpoint on a corpus split, or lm-eval tasks (tasks=...)"),
     "score": ("score", "reference-model losses beside a corpus, for selection=rho1"),
     "ngram": ("ngram", "top-r n-gram next-token distributions beside a corpus (n-gram targets)"),
     "export": ("export", "a checkpoint as a Hugging Face transformers folder"),

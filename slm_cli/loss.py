@@ -214,31 +214,23 @@ class _WeightedHeadCE(torch.autograd.Function):
                 else:
                     y = target_probs[r].float()
                     coef = scale * y.sum(-1)
-                # store mode reads the softmax kept by token_stats (weighted_loss took it over
-                # from the caller's TokenStats); recompute mode pays one more (k·M, d) × (d, Vp)
-                # matmul here.
+                # store mode consumes the softmax kept by token_stats, in place (weighted_loss
+                # took it over from the caller's TokenStats); recompute mode pays one more
+                # (k·M, d) × (d, Vp) matmul here.
                 if probs is not None:
-                    P = probs[r].to(hidden.dtype)  # a view when every row is kept
+                    G = probs[r].mul_(coef[:, None])
                 else:
-                    P = torch.softmax((h @ w.T).float(), dim=-1).to(hidden.dtype)
+                    G = torch.softmax((h @ w.T).float(), dim=-1).mul_(coef[:, None])
                 if target_ids is None:
-                    # G = coef·P − scale·e_y without forming G: the row scaling moves to the
-                    # (rows, d) side of each matmul and the label term is a gather / index_add of
-                    # d-wide rows, so no pass over the (rows, Vp) block is spent on it.
-                    if grad_h is not None:
-                        grad_h[r] = ((P @ w) * coef[:, None] - scale[:, None] * w[labels[r]]).to(hidden.dtype)
-                    if grad_w is not None:
-                        grad_w += (P.T @ (h * coef[:, None]).to(P.dtype)).float()
-                        grad_w.index_add_(0, labels[r], -scale[:, None] * h.float())
+                    G[torch.arange(G.shape[0], device=G.device), labels[r]] -= scale
                 else:
-                    G = P.mul_(coef[:, None]) if probs is not None else P.mul(coef[:, None])
-                    G.scatter_add_(1, target_ids[r], (-scale[:, None] * y).to(G.dtype))  # duplicate ids add up
-                    if grad_h is not None:
-                        grad_h[r] = (G @ w).to(hidden.dtype)
-                    if grad_w is not None:
-                        grad_w += (G.T @ h).float()
-                    del G
-                del P  # before the next chunk allocates its own
+                    G.scatter_add_(1, target_ids[r], -scale[:, None] * y)  # duplicate ids add up
+                G = G.to(hidden.dtype)
+                if grad_h is not None:
+                    grad_h[r] = (G @ w).to(hidden.dtype)
+                if grad_w is not None:
+                    grad_w += (G.T @ h).float()
+                del G  # before the next chunk allocates its own
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None, None, None

@@ -86,6 +86,8 @@ class SLMModule(L.LightningModule):
         self.val_loss: float | None = None
         self.val_step: int | None = None  # global step of the latest validation
         self._val_sums: list[Tensor] = []
+        self.val_sources: list[str] = []  # a mixture's sources (the datamodule's), for val/<source>/loss
+        self.val_source_losses: dict[str, float] = {}
         self._configured = False
 
     def configure_model(self) -> None:
@@ -222,6 +224,7 @@ class SLMModule(L.LightningModule):
     # ---- validation: mean loss over all tokens of the validation windows ----------------------
     def on_validation_epoch_start(self) -> None:
         self._val_sums = []
+        self.val_sources = list(getattr(getattr(self.trainer, "datamodule", None), "source_names", None) or [])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         def head(hidden: Tensor, weight: Tensor) -> Tensor:
@@ -230,8 +233,13 @@ class SLMModule(L.LightningModule):
                                 keep_probs=False)
             # Padding windows (ShardSampler, so every device runs as many batches) weigh 0.
             w = batch["weight"].double()
-            loss = (stats.loss.double().view(w.shape[0], -1) * w[:, None]).sum()
-            return torch.stack([loss, w.sum() * batch["labels"].shape[1]])
+            loss = (stats.loss.double().view(w.shape[0], -1) * w[:, None]).sum(1)
+            # (loss sum, token count) per source of a mixture (a single column for one corpus).
+            source = batch.get("source", torch.zeros_like(w, dtype=torch.long))
+            sums = torch.zeros(2, max(len(self.val_sources), 1), dtype=torch.float64, device=w.device)
+            sums[0].index_add_(0, source, loss)
+            sums[1].index_add_(0, source, w * batch["labels"].shape[1])
+            return sums
 
         self._val_sums.append(self.model(batch["input_ids"], head=head))
 
@@ -239,11 +247,14 @@ class SLMModule(L.LightningModule):
         if not self._val_sums:
             return
         total = self.trainer.strategy.reduce(torch.stack(self._val_sums).sum(0), reduce_op="sum")
-        val_loss = float(total[0] / total[1])
+        val_loss = float(total[0].sum() / total[1].sum())
         if self.trainer.sanity_checking:
             return
         self.val_loss, self.val_step = val_loss, self.global_step
         self.log_dict({"val/loss": val_loss, "val/ppl": perplexity(val_loss)}, prog_bar=True)
+        self.val_source_losses = {name: float(total[0, i] / total[1, i]) for i, name in enumerate(self.val_sources)}
+        if self.val_source_losses:
+            self.log_dict({f"val/{name}/loss": loss for name, loss in self.val_source_losses.items()})
 
     # ---- optimizer --------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

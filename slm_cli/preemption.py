@@ -81,7 +81,7 @@ class Preemption(Callback):
         if not agreed or self.stopped_by:
             return
         self.stopped_by = agreed
-        trainer.save_checkpoint(self.last_ckpt)  # every rank takes part (sharded checkpoints)
+        trainer.save_checkpoint(self.last_ckpt, weights_only=False)  # every rank takes part (sharded checkpoints)
         if trainer.is_global_zero:
             log.warning(f"received {signal.Signals(agreed).name}: saved {self.last_ckpt} at step {trainer.global_step}; "
                         f"stopping so that the job can be requeued and resume from there")

@@ -212,6 +212,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "selected_tokens": int(c["selected_tokens"]),
         "val_loss": module.val_loss,
         "val_ppl": perplexity(module.val_loss),
+        # A mixture's validation loss per source (data=mix); {} for one corpus.
+        "val_sources": module.val_source_losses,
         # One vocabulary with the code and the logs (flops/nominal, flops/realized): nominal is the
         # papers' accounting, realized what slm executes, clm the same tokens trained densely.
         "flops_nominal": c["flops_nominal"],

@@ -54,8 +54,8 @@ def float64_token_stats(ckpt_path: Path, input_ids, labels):  # type: ignore[no-
         hidden = model(torch.as_tensor(np.asarray(input_ids)))  # (B, T, d): ln_f of the last block
         logits = hidden @ model.lm_head.weight.T
         flat = logits.reshape(-1, logits.shape[-1])
-        y = torch.as_tensor(labels).reshape(-1)
+        y = torch.as_tensor(np.asarray(labels)).reshape(-1)
         loss = F.cross_entropy(flat, y, reduction="none")
         entropy = -(F.softmax(flat, -1) * F.log_softmax(flat, -1)).sum(-1)
-    shape = tuple(torch.as_tensor(labels).shape)
+    shape = np.asarray(labels).shape
     return loss.reshape(shape).numpy(), entropy.reshape(shape).numpy()

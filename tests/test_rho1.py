@@ -433,7 +433,7 @@ def test_slm_score_with_a_hf_reference(hf_reference: Path, tmp_path: Path) -> No
 
 def test_hf_reference_without_transformers(hf_reference: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
-    with pytest.raises(SlmError, match=r"transformers is not installed: pip install 'slm\[hf\]'"):
+    with pytest.raises(SlmError, match=r"needs transformers and safetensors, which are not installed: pip install 'slm\[hf\]'"):
         load(str(hf_reference))
 
 

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, slm
+from tests.metrics_rows import assert_same_rows, csv_rows
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm" / "local_cluster.sh"
@@ -395,3 +397,110 @@ def test_plain_sbatch_script_requeues_itself_and_resumes(slurm: Cluster, sweep: 
     assert s["steps"] == STEPS
     assert s["train_tokens"] == STEPS * TOKENS_PER_STEP
     assert s["val_loss"] == pytest.approx(uninterrupted["val_loss"], abs=1e-6)
+
+
+# Preemption (slm_cli/preemption.py): no periodic checkpoint to fall back on, so a resumed run can
+# only have resumed from the checkpoint saved at the signal; rows on disk at once, to see progress.
+PREEMPT = [f"trainer.max_steps={STEPS}", "trainer.checkpoint_every_n_steps=100000",
+           "+logger.csv.flush_logs_every_n_steps=1", "seed=1"]
+SAVED = re.compile(r"received (SIG\w+): saved \S*/checkpoints/last\.ckpt at step (\d+)")
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [s for s, k, _ in csv_rows(run_dir)[0] if k == "train/loss"] if (run_dir / "metrics.csv").is_file() else []
+
+
+def saves(log: Path) -> list[tuple[str, int]]:
+    """(signal, step) of each preemption save the run's log reports."""
+    return [(m[0], int(m[1])) for m in SAVED.findall(log.read_text())] if log.is_file() else []
+
+
+def assert_same_run(run_dir: Path, uninterrupted: Path) -> None:
+    """Weights and metrics rows of an interrupted run equal those of the uninterrupted one."""
+    s, u = summary(run_dir), summary(uninterrupted)
+    assert s["steps"] == STEPS and s["train_tokens"] == STEPS * TOKENS_PER_STEP
+    assert s["selected_tokens"] == u["selected_tokens"]
+    assert s["val_loss"] == pytest.approx(u["val_loss"], abs=1e-6)
+    a = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(uninterrupted / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    for k, v in b.items():
+        torch.testing.assert_close(a[k], v, rtol=0, atol=1e-6)
+    (rows, throughput), (want, want_throughput) = csv_rows(run_dir), csv_rows(uninterrupted)
+    assert_same_rows(rows, want)
+    assert throughput == want_throughput
+
+
+@pytest.mark.slow
+def test_preempted_launcher_job_resumes_from_the_step_it_reached(slurm: Cluster, sweep: Path, tiny_data: Path,
+                                                                 tmp_path: Path) -> None:
+    """A launcher job interrupted by `scontrol requeue` (SIGTERM) and then by USR2 (the time-limit
+    warning, which submitit acts on) saves last.ckpt at the step it is at each time, and each
+    restart resumes from that step; the run ends as the sweep's uninterrupted seed=1 job."""
+    sweep_dir, run_dir = tmp_path / "sweep", tmp_path / "sweep" / "0"
+    log = run_dir / "train.log"
+    with Launch(slurm, *PREEMPT, cwd=tmp_path, sweep_dir=sweep_dir, data_dir=tiny_data) as run:
+        reached = []
+        for n, (how, name) in enumerate([(["scontrol", "requeue"], "SIGTERM"), (["scancel", "--signal=USR2"], "SIGUSR2")]):
+            before = max(logged_steps(run_dir), default=-1)
+            wait_for("the job to train", lambda b=before: max(logged_steps(run_dir), default=-1) >= b + 20
+                     or run.running("training")(), 180, run.report)
+            (job_id,) = run.job_ids()
+            assert not (run_dir / "summary.json").exists(), "the run finished before it was interrupted: raise STEPS"
+            seen = max(logged_steps(run_dir))
+            slurm.run(*how, job_id)
+            wait_for(f"the save on {name}", lambda k=n: len(saves(log)) > k or run.running("the save")(), 120,
+                     run.report)
+            signal_name, step = saves(log)[n]
+            assert signal_name == name
+            assert step > seen  # the step it was at, not an earlier one (and no periodic checkpoint exists)
+            assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == step
+            reached.append(step)
+            wait_for("the requeued job to resume", lambda k=n: log.read_text().count(
+                "Restored all states from the checkpoint") > k or run.running("the resume")(), 180, run.report)
+        run.finish(timeout=300)
+
+    job_log = "\n".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_0_log.*"))
+    assert job_log.count("Starting with JobEnvironment") == 3, run.report()  # the first run and two restarts
+    assert "Caught signal SIGUSR2" in job_log and f"Requeued job {job_id}" in job_log, run.report()
+    assert reached[0] < reached[1] < STEPS
+    assert not list((run_dir / "checkpoints").glob("step*.ckpt"))
+    assert_same_run(run_dir, sweep / "0")
+
+
+@pytest.mark.slow
+def test_preempted_script_job_resumes_from_the_step_it_reached(slurm: Cluster, sweep: Path, tiny_data: Path,
+                                                               tmp_path: Path) -> None:
+    """scripts/submit_slurm.sh: USR1 to the batch shell (its time-limit warning) is passed on to
+    `slm train`, which saves the step it is at and exits; the script then requeues the job, which
+    resumes from that step and ends as the sweep's uninterrupted seed=1 job."""
+    slm_bin = shutil.which("slm", path=str(Path(sys.executable).parent))
+    if slm_bin is None:
+        pytest.skip(f"no `slm` console script beside {sys.executable}")
+    run_dir = tmp_path / "run"
+    env = {**slurm.env, "SLM_TRAINER": "cpu", "SLM_RUN_DIR": str(run_dir), "SLM": slm_bin}
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out", "--nodes=1",
+         "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--time=10",
+         str(SUBMIT_SCRIPT), f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET, *PREEMPT],
+        env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"sbatch: {proc.stdout}{proc.stderr}"
+    job_id = proc.stdout.strip().split(";")[0]
+
+    def report() -> str:
+        return slurm.report(tmp_path)
+
+    wait_for("the job to train", lambda: len(logged_steps(run_dir)) >= 3
+             or slurm.job_state(job_id) in FINAL_STATES, 180, report)
+    assert not (run_dir / "summary.json").exists(), "the run finished before it could be interrupted: raise STEPS"
+    seen = max(logged_steps(run_dir))
+    slurm.run("scancel", "--batch", "--signal=USR1", job_id)
+    wait_for(f"job {job_id} to finish", lambda: slurm.job_state(job_id) in FINAL_STATES, 300, report)
+    assert slurm.job_state(job_id) == "COMPLETED", report()
+
+    log = (tmp_path / f"job-{job_id}.out").read_text()
+    assert f"requeueing job {job_id} (slm exited with {128 + 10})" in log and "(restart 1)" in log, report()
+    ((signal_name, step),) = saves(run_dir / "train.log")
+    assert signal_name == "SIGUSR1" and seen < step < STEPS, report()
+    assert re.search(r"resuming from \S*/checkpoints/last\.ckpt", log), report()
+    assert not list((run_dir / "checkpoints").glob("step*.ckpt"))
+    assert_same_run(run_dir, sweep / "0")

@@ -41,6 +41,11 @@ class SLMDataModule(L.LightningDataModule):
         self.token_arrays = token_arrays or {}  # per-token arrays gathered into training batches
         self.window_grid = window_grid  # training windows start on multiples of this (TrainWindows)
 
+    @property
+    def source_names(self) -> list[str]:
+        """A mixture's sources, in the order of the validation batches' ``source`` index ([] for one corpus)."""
+        return self.prepared.source_names
+
     def _loader(self, dataset, **kwargs) -> DataLoader:
         # A private generator: a DataLoader draws a seed from torch's global RNG each time it starts
         # an iterator, which would make the global stream (dropout, random selection) depend on
@@ -54,8 +59,10 @@ class SLMDataModule(L.LightningDataModule):
         # step this run resumes at.
         start = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        # A mixture (slm_cli/data/mixture.py) draws each window from one source's span by weight.
         windows = TrainWindows(self.prepared.tokens("train"), self.block_size, self.seed, self.token_arrays,
-                               grid=self.window_grid)
+                               grid=self.window_grid, spans=self.prepared.spans("train"),
+                               weights=self.prepared.source_weights)
         sampler = StepSampler(self.batch_size * self.accumulate, start_step=start, rank=rank, world_size=world)
         return self._loader(windows, sampler=sampler, batch_size=None)
 
@@ -66,5 +73,7 @@ class SLMDataModule(L.LightningDataModule):
         # device), so the validation windows are the same however the global batch is split.
         global_rows = self.batch_size * self.accumulate * world
         max_windows = None if self.val_batches is None else self.val_batches * global_rows
-        windows = ValWindows(self.prepared.tokens("val"), self.block_size, max_windows=max_windows)
+        # A mixture: up to max_windows from each source's val span, each window tagged with its source.
+        windows = ValWindows(self.prepared.tokens("val"), self.block_size, max_windows=max_windows,
+                             spans=self.prepared.spans("val"))
         return self._loader(windows, batch_size=self.batch_size, sampler=ShardSampler(len(windows), rank, world))

@@ -189,6 +189,10 @@ def prepare(
     folder already holds the same tokens (e.g. `slm eval` with a model trained on that folder).
     """
     check_data(data_cfg)
+    if data_cfg.source == "mix":  # data=mix: several sources in one folder (imported here: it builds on this module)
+        from slm_cli.data.mixture import prepare_mixture
+
+        return prepare_mixture(data_cfg, paths_cfg, tokenizer_spec=tokenizer_spec)
     out = Path(paths_cfg.data_dir) / source_name(data_cfg)
     # Every process of a multi-device run calls this (torchrun and srun start them all at once):
     # the first one to take the lock prepares, the others wait and then find the folder ready.

@@ -51,6 +51,19 @@ class PreparedData:
     def tokenizer_path(self) -> Path:
         return self.dir / "tokenizer.json"
 
+    @property
+    def source_names(self) -> list[str]:
+        """A mixture's source names (slm_cli/data/mixture.py), in stream order; [] for one corpus."""
+        return [s["name"] for s in self.meta.get("mixture") or []]
+
+    @property
+    def source_weights(self) -> list[float]:
+        return [float(s["weight"]) for s in self.meta.get("mixture") or []]
+
+    def spans(self, split: str) -> list[tuple[str, int, int]]:
+        """A mixture's (name, start, end) token span per source in ``split``; [] for one corpus."""
+        return [(s["name"], int(s[split][0]), int(s[split][1])) for s in self.meta.get("mixture") or []]
+
     def tokens(self, split: str) -> np.memmap:
         """Read-only memmap of a split's token stream (opened lazily; cheap to call per worker)."""
         if split not in SPLITS:
@@ -69,6 +82,11 @@ def load_prepared(dir: Path) -> PreparedData:
     def check(meta: dict) -> None:
         data = PreparedData(dir, meta)
         _ = data.dtype, data.vocab_size, data.eos_id, int(meta["train_tokens"]), int(meta["val_tokens"])
+        for split in SPLITS:  # a mixture's spans tile each split
+            ends = [end for _, _, end in data.spans(split)]
+            starts = [start for _, start, _ in data.spans(split)]
+            if ends and (starts != [0, *ends[:-1]] or ends[-1] != int(meta[f"{split}_tokens"])):
+                raise ValueError(f"the mixture's {split} spans do not tile its {split}_tokens")
 
     fix = "delete it and re-run `slm prepare`"
     data = PreparedData(dir, read_meta(dir, META_KEYS, fix, check))

@@ -143,8 +143,9 @@ def _check_utf8(files: list[str]) -> None:
 
 
 def _check_source(data_cfg: DictConfig) -> None:
-    if data_cfg.source not in ("stdlib", "files", "hub"):
-        raise SlmError(f"data.source={data_cfg.source} is unknown: use stdlib, files or hub")
+    # mix: several sources in one folder, built by slm_cli/data/mixture.py (data=mix)
+    if data_cfg.source not in ("stdlib", "files", "hub", "mix"):
+        raise SlmError(f"data.source={data_cfg.source} is unknown: use stdlib, files, hub or mix")
     if data_cfg.sample_by not in SAMPLE_BY:
         raise SlmError(f"data.sample_by={data_cfg.sample_by} is unknown: use {', '.join(SAMPLE_BY)}")
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, ListConfig
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from slm_cli.config import is_int, is_number
 from slm_cli.data.tokenizer import eos_id
 from slm_cli.errors import SlmError
 from slm_cli.evaluate.local_tasks import local_task_names, tasks_dir
@@ -60,6 +61,12 @@ if _version(lm_eval.__version__) < MIN_VERSION:
                    f"({'.'.join(map(str, MIN_VERSION))}): {INSTALL}")
 
 
+def from_checkpoint(ckpt: dict[str, Any]) -> tuple[GPT, Tokenizer, str | None]:
+    """The model, tokenizer and end-of-text token (null: the tokenizer's usual one) of a loaded checkpoint."""
+    data = (ckpt["slm"].get("config") or {}).get("data") or {}
+    return load_model(ckpt), Tokenizer.from_str(ckpt["slm"]["tokenizer_json"]), data.get("eos_token")
+
+
 @register_model("slm")
 class SlmLM(TemplateLM):
     """slm's GPT as an lm-eval model: ``lm_eval.simple_evaluate(model="slm", model_args={"ckpt_path":
@@ -72,10 +79,7 @@ class SlmLM(TemplateLM):
         if model is None or tokenizer is None:
             if ckpt_path is None:
                 raise SlmError("the slm lm-eval model needs ckpt_path=<run dir or checkpoint>")
-            ckpt = load_checkpoint(checkpoint_file(ckpt_path))
-            model = load_model(ckpt)
-            tokenizer = Tokenizer.from_str(ckpt["slm"]["tokenizer_json"])
-            eos_token = eos_token or ((ckpt["slm"].get("config") or {}).get("data") or {}).get("eos_token")
+            model, tokenizer, eos_token = from_checkpoint(load_checkpoint(checkpoint_file(ckpt_path)))
         if not str(batch_size).isdigit() or int(batch_size) < 1:
             raise SlmError(f"batch_size={batch_size} is not a positive integer: set e.g. batch_size=16")
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -119,7 +123,8 @@ class SlmLM(TemplateLM):
         for i, row in enumerate(rows):
             batch[i, : len(row)] = torch.tensor(row)
         hidden = self.model(batch.to(self._device))
-        picked = torch.cat([hidden[i, len(row) - n: len(row)] for i, (row, n) in enumerate(zip(rows, n_scored, strict=True))])
+        picked = torch.cat([hidden[i, len(row) - n: len(row)]
+                            for i, (row, n) in enumerate(zip(rows, n_scored, strict=True))])
         weight = self.model.lm_head.weight[: self.model.config.vocab_size]  # padded rows are no tokens
         log_probs = F.log_softmax((picked @ weight.T).float(), dim=-1).cpu()
         return list(log_probs.split(n_scored))
@@ -180,7 +185,8 @@ class SlmLM(TemplateLM):
             context, kwargs = request.args
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            ids, new = self.tok_encode(context) or [self._eot], []
+            ids = self.tok_encode(context) or [self._eot]  # an empty context: a new document
+            new: list[int] = []
             text = ""
             for _ in range(int(kwargs.get("max_gen_toks", 256))):
                 x = torch.tensor([(ids + new)[-self.max_length:]], device=self._device)
@@ -210,11 +216,9 @@ def task_list(tasks: Any) -> list[str]:
     return names
 
 
-class _QuietCustomDataset(logging.Filter):
+def _not_custom_dataset_advice(record: logging.LogRecord) -> bool:
     """lm-eval warns on every task with a ``custom_dataset`` that kwargs can be passed: noise here."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Custom kwargs can be passed" not in record.getMessage()
+    return "Custom kwargs can be passed" not in record.getMessage()
 
 
 @contextlib.contextmanager
@@ -320,13 +324,28 @@ def table(results: dict[str, Any]) -> str:
             rows.append((task if first else "", label, _fmt(value), stderr, n if first else ""))
             first = False
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))).rstrip()
-        for row in rows)
+    aligned = [[cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+               for row in rows]
+    return "\n".join("  ".join(row).rstrip() for row in aligned)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The harness's keys of conf/eval.yaml, before any work."""
+    if not (is_int(cfg.batch_size) and cfg.batch_size > 0):
+        raise SlmError(f"batch_size={cfg.batch_size} must be a positive integer: e.g. batch_size=16")
+    if cfg.num_fewshot is not None and not (is_int(cfg.num_fewshot) and cfg.num_fewshot >= 0):
+        raise SlmError(f"num_fewshot={cfg.num_fewshot} must be a non-negative integer or null: e.g. num_fewshot=5")
+    if cfg.limit is not None and not ((is_int(cfg.limit) and cfg.limit > 0)
+                                      or (is_number(cfg.limit) and 0 < cfg.limit <= 1)):
+        raise SlmError(f"limit={cfg.limit} must be a number of examples, a share in (0, 1] or null: e.g. limit=100")
+    if not (is_int(cfg.bootstrap_iters) and cfg.bootstrap_iters >= 0):
+        raise SlmError(f"bootstrap_iters={cfg.bootstrap_iters} must be a non-negative integer: e.g. "
+                       "bootstrap_iters=1000 (0: no standard errors)")
 
 
 def evaluate_tasks(cfg: DictConfig) -> dict[str, Any]:
     """Run lm-eval on ``cfg.tasks`` with the checkpoint ``cfg.ckpt_path``; write and print the results."""
+    check_settings(cfg)
     names = task_list(cfg.tasks)
     ckpt_file = checkpoint_file(cfg.ckpt_path)
     if not ckpt_file.exists():  # before the task index and the model: the cheap checks first
@@ -334,7 +353,7 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, Any]:
     out = results_path(cfg, ckpt_file, names)
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its INFO lines would bury the table
     for handler in logging.getLogger().handlers + logging.getLogger("lm_eval").handlers:
-        handler.addFilter(_QuietCustomDataset())
+        handler.addFilter(_not_custom_dataset_advice)  # a filter is added once, however often this runs
     manager, local = _task_manager(names)
     ckpt = load_checkpoint(ckpt_file)
     with _offline(local), _quiet_git():
@@ -348,9 +367,9 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, Any]:
                            "harness's tasks download their data from the Hugging Face hub, which needs the "
                            f"network (or its cache); slm's local tasks need none: {', '.join(local_task_names())}"
                            ) from exc
-        lm = SlmLM(model=load_model(ckpt), tokenizer=Tokenizer.from_str(ckpt["slm"]["tokenizer_json"]),
-                   eos_token=((ckpt["slm"].get("config") or {}).get("data") or {}).get("eos_token"),
-                   batch_size=cfg.batch_size, device=cfg.get("device"))
+        model, tokenizer, eos_token = from_checkpoint(ckpt)
+        lm = SlmLM(model=model, tokenizer=tokenizer, eos_token=eos_token, batch_size=cfg.batch_size,
+                   device=cfg.get("device"))
         results = lm_eval.simple_evaluate(
             model=lm, tasks=list(loaded.values()), task_manager=manager, num_fewshot=cfg.num_fewshot,
             limit=cfg.limit, bootstrap_iters=cfg.bootstrap_iters, log_samples=False)

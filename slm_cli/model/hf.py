@@ -163,15 +163,21 @@ def is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
+def tokenizer_file(path: Path, spec: str | Path) -> Path:
+    """The fast tokenizer's tokenizer.json in a Hugging Face folder, which slm needs to tokenise alike."""
+    tokenizer_json = path / "tokenizer.json"
+    if not tokenizer_json.is_file():
+        raise SlmError(f"Hugging Face folder {spec} has no tokenizer.json: save its fast tokenizer there "
+                       "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
+    return tokenizer_json
+
+
 def load_hf(spec: str | Path) -> tuple[GPT, str]:
     """(slm GPT in eval mode, tokenizer.json text) from a Hugging Face GPT-2 folder, e.g. one
     written by `slm export`; it must hold the fast tokenizer's tokenizer.json."""
     transformers = require_hf(f"loading the Hugging Face folder {spec}")
     path = Path(spec).expanduser()
-    tokenizer_json = path / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise SlmError(f"Hugging Face folder {spec} has no tokenizer.json: save its fast tokenizer there "
-                       "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
+    tokenizer_json = tokenizer_file(path, spec)
     try:
         hf_cfg = transformers.AutoConfig.from_pretrained(path)
     except Exception as e:  # unreadable config.json, unknown model_type

@@ -158,15 +158,10 @@ def _load_slm(spec: str, path: Path) -> SlmReference:
 
 
 def _load_hf(spec: str, path: Path) -> HFReference:
-    try:
-        import transformers
-    except ImportError:
-        raise SlmError(f"reference {spec} is a Hugging Face model but transformers is not installed: "
-                       "pip install 'slm[hf]'") from None
-    tokenizer_json = path / "tokenizer.json"
-    if not tokenizer_json.is_file():
-        raise SlmError(f"Hugging Face reference {spec} has no tokenizer.json: save its fast tokenizer there "
-                       "(AutoTokenizer.from_pretrained(...).save_pretrained(folder))")
+    from slm_cli.model.hf import require_hf, tokenizer_file
+
+    transformers = require_hf(f"the Hugging Face reference {spec}")
+    tokenizer_json = tokenizer_file(path, spec)
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
     except Exception as e:  # unknown architecture, missing weights, not a causal LM...

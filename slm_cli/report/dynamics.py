@@ -246,9 +246,12 @@ def _examples_html(classes: Classes, stream: np.ndarray, losses: np.ndarray, ste
     """Per class, ``count`` of its tokens spread evenly over the held-out text, each in its context,
     coloured by ΔL (the fitted change of loss) and outlined."""
     delta = classes.end - classes.start
-    scale = Scale.fit(delta, signed=True)
+    # The scale covers 98% of the tokens' |ΔL|, so that a few extreme tokens do not wash out the rest.
+    reach = float(np.quantile(np.abs(delta), 0.98)) if len(delta) else 1.0
+    scale = Scale.fit(np.array([-reach, reach]), signed=True)
     n = len(classes.labels)
-    body = [legend_html(scale, "colour: ΔL, the fitted change of loss from the first to the last checkpoint (nats)",
+    body = [legend_html(scale, "colour: ΔL, the fitted change of loss from the first to the last checkpoint "
+                               f"(nats; beyond ±{scale.hi:g}: the end colours)",
                         [("mark", "outlined: the example token; hover over any token for its values")])]
     for i, c in enumerate(CLASSES):
         members = np.flatnonzero(classes.labels == i)

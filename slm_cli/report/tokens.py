@@ -1,5 +1,5 @@
 """`slm tokens`: one self-contained HTML page showing what a model and a selection strategy make of a
-text, token by token (docs/report.md#tokens).
+text, token by token (docs/report.md#slm-tokens).
 
 Each token is drawn in the text with its background coloured by one per-token value: the model's
 loss, its predictive entropy, a reference model's loss, or the excess loss ℓ − ℓ_ref that RHO-1
@@ -83,7 +83,8 @@ STYLE = """
 .examples { list-style: none; padding: 0; margin: .4em 0 1em; }
 .examples li { margin: .25em 0; display: flex; align-items: center; gap: 1em; }
 .examples .tokens { margin: 0; padding: .15em .6em; flex: 1; }
-.examples .note { flex: 0 0 13em; font-size: 12px; color: #57606a; font-variant-numeric: tabular-nums; }
+.examples .note { flex: 0 0 15em; font-size: 12px; color: #57606a; font-variant-numeric: tabular-nums;
+                  white-space: nowrap; }
 </style>
 """
 
@@ -118,6 +119,10 @@ def _nice_step(span: float, ticks: int) -> float:
     return next(m * power for m in (1, 2, 2.5, 5, 10) if m * power >= raw)
 
 
+def _round_up(value: float, step: float) -> float:
+    return math.ceil(value / step - 1e-9) * step
+
+
 @dataclass
 class Scale:
     """A colour scale from ``lo`` to ``hi`` (values outside are drawn at the ends)."""
@@ -135,11 +140,16 @@ class Scale:
         finite = values[np.isfinite(values)]
         top = float(finite.max()) if finite.size else 1.0
         bottom = float(finite.min()) if finite.size else 0.0
+        # The free ends are rounded outwards to a tick, so that the bar ends on a number.
         if signed:
             reach = max(abs(top), abs(bottom)) or 1.0
+            reach = _round_up(reach, _nice_step(2 * reach, 4))
             lo, hi, stops = -reach, reach, DIVERGING
         else:
-            lo, hi, stops = min(0.0, bottom), top if top > min(0.0, bottom) else min(0.0, bottom) + 1.0, SEQUENTIAL
+            lo = min(0.0, bottom)
+            hi = top if top > lo else lo + 1.0
+            step = _nice_step(hi - lo, 4)
+            lo, hi, stops = -_round_up(-lo, step) if lo < 0 else 0.0, _round_up(hi, step), SEQUENTIAL
         lo = lo if vmin is None else float(vmin)
         hi = hi if vmax is None else float(vmax)
         if not hi > lo:
