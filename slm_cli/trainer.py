@@ -165,8 +165,10 @@ def continued(logger_cfg: DictConfig, step: int) -> dict[str, Any]:
     """Arguments for a logger of a run resumed at `step`. TensorBoard: `purge_step` makes the
     SummaryWriter start its event file with a restart marker at `step`, and TensorBoard's reader
     then hides the events of earlier files from `step` on (the steps trained, and logged, again),
-    as metrics.csv drops them (continue_metrics). W&B needs nothing: each process writes a run of
-    its own, and the steps it is given are right (OptimizerStepLabels)."""
+    as metrics.csv drops them (continue_metrics). W&B gets nothing: it is given the right steps
+    (OptimizerStepLabels) as `trainer/global_step`, but a W&B run (continued under its id,
+    conf/logger/wandb.yaml) cannot forget what it logged, so steps redone after a resume from a
+    periodic checkpoint appear twice there."""
     from hydra.utils import get_class
 
     if step and issubclass(get_class(logger_cfg._target_), TensorBoardLogger):
