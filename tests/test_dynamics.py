@@ -98,7 +98,7 @@ def test_dynamics_against_brute_force(checkpointed_run: Path, tiny_data: Path, t
     assert page.count('class="tok mark') >= 2 and "https://" not in page
 
     # 4. The other rule and x axis, in process on the same losses, against the same brute force.
-    from slm_cli.report.dynamics import CLASSES, classify
+    from slm_cli.report.dynamics_classes import CLASSES, classify
 
     index = np.arange(len(steps), dtype=np.float64)
     got = classify(index, losses, rule="levels", high_loss=5.5)

@@ -150,7 +150,7 @@ def test_older_summaries_are_read_under_their_earlier_names() -> None:
 
 def test_curves_are_the_seed_means_of_metrics_csv(sweep: Path) -> None:
     """Validation loss against tokens and nominal FLOPs, read back independently from metrics.csv."""
-    from slm_cli.report.plots import row_curve
+    from slm_cli.report.curves import row_curve
     from slm_cli.report.runs import find_runs
 
     runs = [r for r in find_runs([str(sweep)]) if r.config["selection"]["name"] == "eslm"]
@@ -310,7 +310,7 @@ def test_the_output_folder_is_replaced_whole_or_not_at_all(tmp_path: Path) -> No
 
 def test_without_matplotlib_one_line_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     from slm_cli.errors import SlmError
-    from slm_cli.report.plots import pyplot
+    from slm_cli.report.plot_style import pyplot
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     with pytest.raises(SlmError, match=re.escape("pip install 'slm[report]'")):

@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from slm_cli.errors import SlmError
 from slm_cli.report import html
 from slm_cli.report.folder import staged_folder
-from slm_cli.report.plots import draw_all, pyplot
+from slm_cli.report.plot_style import pyplot
+from slm_cli.report.plots import draw_all
 from slm_cli.report.runs import FINISHED, Run, find_runs, latest
 from slm_cli.report.table import (
     Table,
