@@ -113,6 +113,15 @@ def corpus_overrides() -> tuple[str, list[str]]:
                                     "data.vocab_size=8192"]
 
 
+def prepared_corpus() -> tuple[str, list[str], Any]:
+    """(label, overrides, PreparedData) of the step-time benchmarks' corpus, prepared if need be."""
+    from slm_cli.data.prepare import prepare
+
+    corpus, data = corpus_overrides()
+    cfg = compose_train(data)
+    return corpus, data, prepare(cfg.data, cfg.paths)
+
+
 def run_child(name: str, **kwargs: Any) -> dict[str, Any]:
     """`run.py --child NAME JSON`: one measurement in a fresh process; the JSON it prints last."""
     out = subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), "--child", name, json.dumps(kwargs)],

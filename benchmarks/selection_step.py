@@ -17,9 +17,8 @@ from benchmarks.common import (
     CACHE_DIR,
     Benchmark,
     compose,
-    compose_train,
-    corpus_overrides,
     interleaved_trains,
+    prepared_corpus,
     table,
     timing_setup,
 )
@@ -96,14 +95,11 @@ def _reference(data: list[str], prepared: PreparedData, threads: int) -> Path:
 
 
 def selection_step(quick: bool) -> dict[str, Any]:
-    from slm_cli.data.prepare import prepare
     from slm_cli.selection.base import keep_count
 
     p = SEL_QUICK if quick else SEL_FULL
     threads = timing_setup()
-    corpus, data = corpus_overrides()
-    cfg = compose_train(data)
-    prepared = prepare(cfg.data, cfg.paths)
+    corpus, data, prepared = prepared_corpus()
     ref_ckpt = _reference(data, prepared, threads)
 
     n_steps = p["warmup"] + p["steps"]

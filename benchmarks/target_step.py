@@ -14,8 +14,8 @@ from benchmarks.common import (
     CACHE_DIR,
     Benchmark,
     compose_train,
-    corpus_overrides,
     interleaved_trains,
+    prepared_corpus,
     table,
     timing_setup,
 )
@@ -31,15 +31,12 @@ TGT_VARIANTS = [  # (label, overrides, goal for ms/step / CLM's)
 
 
 def target_step(quick: bool) -> dict[str, Any]:
-    from slm_cli.data.prepare import prepare
     from slm_cli.ngram.build import write_ngram
     from slm_cli.target.allnts import AllNTs
 
     p = TGT_QUICK if quick else TGT_FULL
     threads = timing_setup()
-    corpus, data = corpus_overrides()
-    cfg = compose_train(data)
-    prepared = prepare(cfg.data, cfg.paths)
+    corpus, data, prepared = prepared_corpus()
     folder, meta = write_ngram(prepared, TGT_NGRAM["n"], TGT_NGRAM["r"], progress=False)  # CoCoNTs' arrays
     print(f"corpus: {corpus} -> {prepared.dir} ({prepared.meta['train_tokens']:,} train tokens, vocab "
           f"{prepared.vocab_size}); n-gram arrays {folder.name} ({'cached' if meta.get('skipped') else 'built'}: "
