@@ -362,11 +362,8 @@ def test_requeued_job_resumes_from_last_ckpt(slurm: Cluster, sweep: Path, tiny_d
     assert s["val_loss"] == pytest.approx(uninterrupted["val_loss"], abs=1e-6)
 
 
-@pytest.mark.slow
-def test_plain_sbatch_script_requeues_itself_and_resumes(slurm: Cluster, sweep: Path, tiny_data: Path,
-                                                          tmp_path: Path) -> None:
-    """scripts/submit_slurm.sh on one node, one CPU task: USR1 (its time-limit warning) makes the
-    batch script requeue its own job, which resumes from last.ckpt under the same run dir."""
+def submit_script(slurm: Cluster, tmp_path: Path, tiny_data: Path, *overrides: str) -> tuple[str, Path]:
+    """scripts/submit_slurm.sh submitted on one node with one CPU task; (job id, run dir)."""
     slm_bin = shutil.which("slm", path=str(Path(sys.executable).parent))
     if slm_bin is None:
         pytest.skip(f"no `slm` console script beside {sys.executable}")
@@ -375,10 +372,18 @@ def test_plain_sbatch_script_requeues_itself_and_resumes(slurm: Cluster, sweep: 
     proc = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out", "--nodes=1",
          "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--time=10",
-         str(SUBMIT_SCRIPT), f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET, *RUN, "seed=1"],
+         str(SUBMIT_SCRIPT), f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET, *overrides],
         env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, f"sbatch: {proc.stdout}{proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
+    return proc.stdout.strip().split(";")[0], run_dir
+
+
+@pytest.mark.slow
+def test_plain_sbatch_script_requeues_itself_and_resumes(slurm: Cluster, sweep: Path, tiny_data: Path,
+                                                          tmp_path: Path) -> None:
+    """scripts/submit_slurm.sh on one node, one CPU task: USR1 (its time-limit warning) makes the
+    batch script requeue its own job, which resumes from last.ckpt under the same run dir."""
+    job_id, run_dir = submit_script(slurm, tmp_path, tiny_data, *RUN, "seed=1")
 
     def report() -> str:
         return slurm.report(tmp_path)
@@ -473,18 +478,7 @@ def test_preempted_script_job_resumes_from_the_step_it_reached(slurm: Cluster, s
     """scripts/submit_slurm.sh: USR1 to the batch shell (its time-limit warning) is passed on to
     `slm train`, which saves the step it is at and exits; the script then requeues the job, which
     resumes from that step and ends as the sweep's uninterrupted seed=1 job."""
-    slm_bin = shutil.which("slm", path=str(Path(sys.executable).parent))
-    if slm_bin is None:
-        pytest.skip(f"no `slm` console script beside {sys.executable}")
-    run_dir = tmp_path / "run"
-    env = {**slurm.env, "SLM_TRAINER": "cpu", "SLM_RUN_DIR": str(run_dir), "SLM": slm_bin}
-    proc = subprocess.run(
-        ["sbatch", "--parsable", f"--chdir={tmp_path}", f"--output={tmp_path}/job-%j.out", "--nodes=1",
-         "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1", "--mem=1G", "--time=10",
-         str(SUBMIT_SCRIPT), f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET, *PREEMPT],
-        env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"sbatch: {proc.stdout}{proc.stderr}"
-    job_id = proc.stdout.strip().split(";")[0]
+    job_id, run_dir = submit_script(slurm, tmp_path, tiny_data, *PREEMPT)
 
     def report() -> str:
         return slurm.report(tmp_path)
