@@ -29,7 +29,7 @@ bench: install  ## benchmarks; figures go to docs/benchmarks.md
 	$(BIN)/python benchmarks/run.py $(ARGS)
 
 lint: install
-	$(BIN)/ruff check slm_cli tests benchmarks
+	$(BIN)/ruff check slm_cli tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) outputs multirun data .pytest_cache .ruff_cache build *.egg-info

@@ -181,13 +181,14 @@ def test_plots_are_images_of_some_substance(reported: Path) -> None:
         pixels = matplotlib.image.imread(path)
         assert pixels.shape[0] > 300 and pixels.shape[1] > 500, name
         assert pixels[..., :3].std() > 0.05, name  # not a blank canvas
-    assert sorted(p.name for p in reported.iterdir()) == sorted([*PNGS, "report.csv", "report.html", "report.md"])
+    assert sorted(p.name for p in reported.iterdir()) == sorted(
+        [*PNGS, "against_clm.csv", "report.csv", "report.html", "report.md"])
 
 
 def test_html_is_self_contained(reported: Path) -> None:
     page = (reported / "report.html").read_text()
     assert not re.search(r"https?:", page, re.IGNORECASE)
-    assert page.count("<table>") == 2 and "<td>eslm</td>" in page and "<td>clm</td>" in page
+    assert page.count("<table>") == 3 and "<td>eslm</td>" in page and "<td>clm</td>" in page
     sources = re.findall(r'src="([^"]*)"', page)
     assert len(sources) == len(PNGS) and all(s.startswith("data:image/png;base64,") for s in sources)
     embedded = sorted(base64.b64decode(s.split(",", 1)[1]) for s in sources)

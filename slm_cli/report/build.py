@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from slm_cli.errors import SlmError
-from slm_cli.report import html
+from slm_cli.report import html, matched
 from slm_cli.report.folder import staged_folder
 from slm_cli.report.plot_style import pyplot
 from slm_cli.report.plots import draw_all
@@ -50,13 +50,16 @@ def report(cfg: DictConfig) -> Path:
     out = Path(cfg.out) if cfg.out else default_out(named, Path(cfg.paths.log_dir))
     table = build_table(runs)
     base = _common_dir(runs)
+    comparisons = matched.compare(table)
     try:
         with staged_folder(out, MARKER) as stage:
             figures = draw_all(table, stage)
             # plain writes: the staging folder is renamed into place as a whole (folder.py)
             (stage / "report.csv").write_text(csv_text(table))
-            (stage / "report.html").write_text(html_page(table, runs, base, figures))
-            (stage / MARKER).write_text(markdown(table, runs, base, figures))
+            if comparisons:
+                (stage / "against_clm.csv").write_text(matched.csv_text(table, comparisons))
+            (stage / "report.html").write_text(html_page(table, runs, base, figures, comparisons))
+            (stage / MARKER).write_text(markdown(table, runs, base, figures, comparisons))
     except PermissionError as exc:
         raise SlmError(f"cannot write the report to {out} ({exc.strerror}): pass out=<a folder you can write>") from None
     header, rows = results_rows(table, _namer(base))
@@ -109,7 +112,13 @@ def _aligns(header: Sequence[str], first_numeric: int) -> str:
     return "".join("r" if first_numeric <= i < len(header) - 1 else "l" for i in range(len(header)))
 
 
-def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]]) -> str:
+AGAINST_CLM = ("Each configuration beside CLM runs of the same setting: at the same steps, at the same "
+               "nominal FLOPs and at the same realised FLOPs (CLM given fewer steps). against_clm.csv has "
+               "the figures at full precision.")
+
+
+def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]],
+             comparisons: Sequence[matched.Comparison] = ()) -> str:
     name = _namer(base)
     line, fixed = _intro(table, runs, base)
     header, rows = results_rows(table, name)
@@ -120,8 +129,12 @@ def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tu
     parts += ["## Results", "",
               "One row per configuration: mean ± sample standard deviation over its finished runs "
               "(n of them; seeds differ). report.csv has every figure at full precision.", "",
-              markdown_table(header, rows, _aligns(header, len(table.columns))), "", FLOPS_NOTE, "",
-              "## Runs", "", markdown_table(run_header, run_rows, "llllrrl"), ""]
+              markdown_table(header, rows, _aligns(header, len(table.columns))), "", FLOPS_NOTE, ""]
+    if comparisons:
+        parts += ["## Against CLM", "", AGAINST_CLM, "",
+                  markdown_table(matched.HEADER, matched.rows_text(table, comparisons), "l" + "r" * 9), "",
+                  matched.NOTE, ""]
+    parts += ["## Runs", "", markdown_table(run_header, run_rows, "llllrrl"), ""]
     if figures:
         parts += ["## Plots", ""]
         for path, caption in figures:
@@ -129,7 +142,8 @@ def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tu
     return "\n".join(parts)
 
 
-def html_page(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]]) -> str:
+def html_page(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]],
+              comparisons: Sequence[matched.Comparison] = ()) -> str:
     name = _namer(base)
     line, fixed = _intro(table, runs, base)
     header, rows = results_rows(table, name)
@@ -142,6 +156,10 @@ def html_page(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[t
                             "runs (n of them; seeds differ). report.csv has every figure at full precision."),
              html.table(header, rows, _aligns(header, len(table.columns))),
              html.paragraph(FLOPS_NOTE)]
+    if comparisons:
+        body += [html.heading("Against CLM"), html.paragraph(AGAINST_CLM),
+                 html.table(matched.HEADER, matched.rows_text(table, comparisons), "l" + "r" * 9),
+                 html.paragraph(matched.NOTE)]
     if figures:
         body.append(html.heading("Plots"))
         body += [html.figure(path, caption) for path, caption in figures]

@@ -89,6 +89,13 @@ class Run:
         return max(steps) + 1 if steps else None
 
 
+SOURCE_LOSS = "val_loss:"  # figure name prefix of a mixture source's validation loss
+
+
+def number_of(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def summary_figures(summary: dict[str, Any]) -> dict[str, float]:
     """The numbers of a summary.json, with the FLOPs under today's names.
 
@@ -98,9 +105,8 @@ def summary_figures(summary: dict[str, Any]) -> dict[str, float]:
     """
     def number(*keys: str) -> float | None:
         for key in keys:
-            value = summary.get(key)
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                return float(value)
+            if (value := number_of(summary.get(key))) is not None:
+                return value
         return None
 
     out: dict[str, float | None] = {
@@ -118,6 +124,9 @@ def summary_figures(summary: dict[str, Any]) -> dict[str, float]:
         "wall_s": number("wall_s"),
         "params": number("params"),
     }
+    sources = summary.get("val_sources")
+    if isinstance(sources, dict):  # a mixture's validation loss per source (docs/data.md)
+        out.update({f"{SOURCE_LOSS}{name}": number_of(value) for name, value in sources.items()})
     clm = out["flops_clm"]
     if out["flops_nominal"] is None and clm is not None and out["flops_saved_frac_nominal"] is not None:
         out["flops_nominal"] = clm * (1.0 - out["flops_saved_frac_nominal"])

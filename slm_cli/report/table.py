@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from slm_cli.report.runs import Run, flatten
+from slm_cli.report.runs import SOURCE_LOSS, Run, flatten
 
 # Keys that never tell configurations apart: the seed is what a row aggregates over; paths, the
 # resume checkpoint, loggers and progress display do not change what is trained.
@@ -40,6 +40,14 @@ METRICS: list[tuple[str, str, str]] = [
     ("train_tokens_per_s", "tokens_per_s", "tokens/s"),
     ("wall_s", "wall_s", "wall"),
 ]
+
+
+def metrics(table: Table) -> list[tuple[str, str, str]]:
+    """METRICS, plus a mixture's validation loss per source (val_loss_<source> in report.csv)."""
+    sources = dict.fromkeys(f for row in table.rows for run in row.finished for f in run.figures
+                            if f.startswith(SOURCE_LOSS))
+    extra = [(f, f"val_loss_{f[len(SOURCE_LOSS):]}", f"val loss {f[len(SOURCE_LOSS):]}") for f in sources]
+    return METRICS[:2] + extra + METRICS[2:]
 
 
 @dataclass
@@ -131,7 +139,8 @@ def build_table(runs: Sequence[Run]) -> Table:
 def csv_text(table: Table) -> str:
     """report.csv: config columns, n, unfinished, seeds, <metric>_mean / <metric>_std, runs."""
     header = [*table.columns, "n", "unfinished", "seeds"]
-    for _, name, _ in METRICS:
+    shown = metrics(table)
+    for _, name, _ in shown:
         header += [f"{name}_mean", f"{name}_std"]
     header.append("runs")
     out = io.StringIO(newline="")
@@ -141,7 +150,7 @@ def csv_text(table: Table) -> str:
         line: list[Any] = ["" if v is None else v for v in row.key]
         line += [len(row.finished), len(row.runs) - len(row.finished),
                  " ".join(str(r.seed) for r in row.finished)]
-        for figure, _, _ in METRICS:
+        for figure, _, _ in shown:
             mean, std, _ = row.stats(figure)
             line += ["" if mean is None else repr(mean), "" if std is None else repr(std)]
         line.append(";".join(str(r.dir) for r in row.runs))
@@ -181,7 +190,7 @@ def duration(seconds: float) -> str:
 
 
 def _one(figure: str, value: float) -> str:
-    if figure in ("val_loss",):
+    if figure.startswith("val_loss"):
         return f"{value:.4f}"
     if figure == "val_ppl":
         return f"{value:.2f}"
@@ -213,13 +222,15 @@ SHOWN = ["val_loss", "val_ppl", "steps", "train_tokens", "selected_frac", "flops
 
 def results_rows(table: Table, run_name: Any) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table as text; ``run_name(run)`` names a run dir briefly."""
-    headings = dict((figure, heading) for figure, _, heading in METRICS)
-    header = [*table.columns, "n", *(headings[f] for f in SHOWN), "runs"]
+    every = metrics(table)
+    headings = dict((figure, heading) for figure, _, heading in every)
+    shown = SHOWN[:2] + [f for f, _, _ in every if f.startswith(SOURCE_LOSS)] + SHOWN[2:]
+    header = [*table.columns, "n", *(headings[f] for f in shown), "runs"]
     rows = []
     for row in table.rows:
         unfinished = len(row.runs) - len(row.finished)
         n = f"{len(row.finished)}" + (f" (+{unfinished} unfinished)" if unfinished else "")
-        rows.append([*(format_value(v) for v in row.key), n, *(cell(row, f) for f in SHOWN),
+        rows.append([*(format_value(v) for v in row.key), n, *(cell(row, f) for f in shown),
                      " ".join(run_name(r) for r in row.runs)])
     return header, rows
 
