@@ -26,6 +26,7 @@ from pathlib import Path
 from slm_cli.outputs import atomic_write
 from slm_cli.report.matched import SIGNIFICANCE, verdict
 from slm_cli.report.runs import read_metrics_csv
+from slm_cli.report.table import si
 
 PARTS = {"methods_a": "size A", "methods_b": "size B", "rho1": "RHO-1 mixture", "coconts": "CoCoNTs"}
 PLOTS = {"methods_a": ["val_loss_vs_flops.png", "loss_vs_flops.png", "selection.png"],
@@ -226,6 +227,17 @@ def gpu_estimates(slm: str) -> str:
 
 # ---- the page ------------------------------------------------------------------------------------
 
+def corpus_tokens(root: Path) -> float:
+    """Training tokens of the main corpus (its prepared meta.json), 0 if not found."""
+    import json
+
+    for meta in sorted((root / "data").glob("*/meta.json")):
+        name = meta.parent.name  # not the mixture, its sources (<name>.tok-<sha>) or the reference's text
+        if "mix" not in name and ".tok-" not in name and "test" not in name:
+            return float(json.loads(meta.read_text()).get("train_tokens", 0))
+    return 0.0
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -330,6 +342,11 @@ def page(root: Path, out: Path, minutes: int | None, command: str, slm: str, mai
     lines += ["## 4. Selected fraction, alpha and throughput", "", PART4, "",
               runs_table({p: [r for r in reports[p] if p != "coconts" or method(r) == "coconts"] for p in PARTS}, root),
               ""]
+    tokens = max((num(r, "tokens_mean") or 0) for r in clm_a) if clm_a else 0.0
+    corpus = corpus_tokens(root)
+    lines += ["## What this test can and cannot say", "",
+              LIMITS.format(tokens=si(tokens), passes=tokens / corpus if corpus else math.nan,
+                            corpus=f"{si(corpus)} tokens" if corpus else "unknown size"), ""]
     lines += ["## At the papers' scale", "", SCALE, "", gpu_estimates(slm), "", SCALE_AFTER, ""]
     lines += ["## Rerunning and scaling up", "", RERUN, ""]
     return "\n".join(lines)
@@ -423,6 +440,23 @@ validation curve reaches CLM's final loss (linear between the 10 validation poin
 
 PART4 = """Per configuration: the share of tokens trained on, ESLM's α (constant) or Ada-ESLM's (mean over the
 run; final), and the training throughput (two runs side by side on 2 cores)."""
+
+LIMITS = """- **Scale.** The default sizes have 0.8M and 3M non-embedding parameters, and each run sees
+  {tokens} training tokens, {passes:.1f} passes over a corpus of {corpus}. The papers' claims are about GPT-2-size models and billions of
+  tokens; a method that needs a trained model to pick tokens well (ESLM scores with the model being
+  trained) may behave differently when the model is this weak for this long. A verdict here is a
+  verdict at this scale.
+- **Repetition.** With more than one pass over the corpus, a token trained on in one pass comes back
+  in the next: selection then partly decides *when* a token is learned, not only *whether*.
+- **Noise.** Three seeds give the spread of the mean to within a factor of about two; differences
+  below twice their standard error are reported as no difference, not as equality.
+- **Our choices.** Ada-ESLM's rule and ESLM-KD's loss are slm's readings of the paper (the rule is
+  not published; docs/methods.md). The ESLM-KD teacher is small (size B, twice the steps). The
+  RHO-1 noise is synthetic (shuffled words) plus another domain, and the reference learns from
+  one small split of clean text (WikiText-2's test split).
+- **Cost.** Realised FLOPs are what slm executes on a CPU-shaped implementation: the trunk's
+  backward pass stays dense, so selection saves less than its nominal FLOPs (docs/flops.md), and
+  wall-clock saves less again (docs/benchmarks.md)."""
 
 SCALE = """ESLM reports its gains on GPT-2 pretraining; RHO-1 on 1.1B and 7B models. slm's `*_gpt2`
 experiments are the GPT-2 124M recipe on OpenWebText (nanoGPT's 600k steps of 491,520 tokens).

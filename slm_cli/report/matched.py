@@ -26,7 +26,7 @@ import numpy as np
 
 from slm_cli.report.curves import row_curve
 from slm_cli.report.runs import Run, flatten
-from slm_cli.report.table import IGNORED_KEYS, IGNORED_PREFIXES, Row, Table, format_value
+from slm_cli.report.table import IGNORED_KEYS, IGNORED_PREFIXES, Row, Table
 
 # Keys that may differ between a strategy and the CLM runs it is compared with: what is compared
 # (selection, target), the budget (steps and what follows from them) and the run's name.
@@ -209,7 +209,9 @@ def csv_text(table: Table, comparisons: Sequence[Comparison]) -> str:
     writer = csv.writer(out)
     writer.writerow(header)
     for c in comparisons:
-        line = [format_value(v) for v in c.row.key] + [c.loss.n, repr(c.loss.mean), repr(c.loss.std), repr(c.steps)]
+        # config values written as report.csv writes them, so that the two files join on them
+        line = ["" if v is None else v for v in c.row.key] + [c.loss.n, repr(c.loss.mean), repr(c.loss.std),
+                                                                repr(c.steps)]
         for clm in (c.same_steps, c.same_nominal, c.same_realized):
             if clm is None:
                 line += ["", "", "", "", ""]
