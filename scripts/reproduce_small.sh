@@ -11,7 +11,8 @@
 #            for twice the steps.
 #   rho1     RHO-1 on a noisy mixture: clean WikiText-2 + the same text with its words shuffled +
 #            Tiny Shakespeare; the reference trains on clean WikiText-2 test text; CLM, random and
-#            RHO-1 at RATIO, evaluated on held-out clean text (val/wiki/loss).
+#            RHO-1 at RATIO, evaluated on held-out clean text (val/wiki/loss). These corpora are the
+#            vendored ones whatever DATA says; sizes, steps, batch and overrides apply.
 #   coconts  CoCoNTs (n-gram soft targets) against CLM at SIZE_A: steps to CLM's loss.
 # Then scripts/results_page.py writes RESULTS (default docs/results.md) from the reports.
 #
@@ -64,7 +65,7 @@ python=${PYTHON:-$(dirname "$(command -v "${slm[0]}" || echo python3)")/python}
 root=$(mkdir -p "$root" && cd "$root" && pwd)
 threads=$(( $(nproc) / LANES )); [ "$threads" -ge 1 ] || threads=1
 join() { local IFS=,; echo "$*"; }
-minus() { awk -v k="$1" 'BEGIN { printf "%.6g", 1 - k }'; }
+minus() { awk -v k="$1" 'BEGIN { printf "%.6g\n", 1 - k }'; }
 # shellcheck disable=SC2086  # the space-separated settings are split into overrides on purpose
 read -r -a size_a <<< "$SIZE_A"; read -r -a size_b <<< "$SIZE_B"
 read -r -a data <<< "$DATA"; read -r -a batch <<< "$BATCH"
@@ -161,8 +162,9 @@ tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
 tmp.replace(out)
 EOF
   # the reference: SIZE_A with CLM on clean text the training never sees (WikiText-2's test split)
-  train_one "$reference" "${data[@]}" "${size_a[@]}" selection=clm "trainer.max_steps=$(( STEPS * 3 / 2 ))" \
-    "data.path=\${corpus:wikitext-2/test.txt}" data.name=wikitext2-test seed=0
+  # (the mixture and the reference's text are the vendored corpora whatever DATA is)
+  train_one "$reference" data=wikitext2 data.vocab_size=4096 "data.path=\${corpus:wikitext-2/test.txt}" \
+    data.name=wikitext2-test "${size_a[@]}" selection=clm "trainer.max_steps=$(( STEPS * 3 / 2 ))" seed=0
   local mix=(data=mix data.name=noisy-mix "data.tokenizer=$reference"
              data.sources.wiki.weight=0.5 data.sources.shakespeare.weight=0.2
              "+data.sources.shuffled={data: text, path: $dir/noise/shuffled.txt, sample_by: line, weight: 0.3}")
@@ -209,6 +211,6 @@ report methods_a "$root/methods/a"
 report methods_b "$root/methods/b"
 report rho1 "$root/rho1"
 report coconts "$root/coconts" "$root/methods/a/clm"
-"$python" scripts/results_page.py "$root" "$results" --keep "$KEEP" --minutes $(( ($(date +%s) - start) / 60 )) \
+"$python" scripts/results_page.py "$root" "$results" --keep "$KEEP" \
   --command "STEPS=$STEPS SEEDS=\"$SEEDS\" scripts/reproduce_small.sh${extra[*]:+ ${extra[*]}}"
 echo "results: $results (reports in $root/reports)"

@@ -37,9 +37,10 @@ def make_run(root: Path, name: str, selection: str, seed: int, steps: int, val: 
     (d / "summary.json").write_text(json.dumps(summary))
     with open(d / "metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["step", "val/loss"])
+        names = sorted(sources or {})
+        w.writerow(["step", "val/loss", *(f"val/{n}/loss" for n in names)])
         for i, v in enumerate(val):
-            w.writerow([10 * (i + 1) - 1, v])
+            w.writerow([10 * (i + 1) - 1, v, *(v + 0.1 * k for k, _ in enumerate(names))])
 
 
 def curve(final: float, points: int, seed: int) -> list[float]:
@@ -112,6 +113,12 @@ def test_report_writes_the_comparison_and_source_losses(runs: Path) -> None:
     eslm = next(r for r in results if r["selection.name"] == "eslm")
     assert float(eslm["val_loss_wiki_mean"]) == pytest.approx(5.9)  # 4.4 + seed over seeds 1, 2
     assert float(eslm["val_loss_wiki_std"]) == pytest.approx(np.std([5.4, 6.4], ddof=1))
+    # the mixture's per-source curves: one panel per source, drawn (not a blank canvas)
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(out / "val_loss_by_source.png")
+    assert pixels.shape[1] > 700 and pixels[..., :3].std() > 0.05
+    assert "val_loss_by_source.png" in text
 
 
 def test_verdict_needs_twice_the_standard_error() -> None:

@@ -168,6 +168,28 @@ def loss_curves(table: Table, path: Path, xs: Sequence[str]) -> Path | None:
     return save(fig, path)
 
 
+def source_curves(table: Table, path: Path) -> Path | None:
+    """A mixture's validation loss on each source (val/<source>/loss) against tokens, one panel per
+    source: what a strategy does to the target domain and to the rest, which the overall loss mixes."""
+    plt = pyplot()
+    style, _ = styles(table)
+    sources = list(dict.fromkeys(
+        key[len("val/"):-len("/loss")] for row in table.rows for run in row.runs for key in run.metrics
+        if key.startswith("val/") and key.endswith("/loss") and key.count("/") == 2))
+    if not sources:
+        return None
+    fig, axes = plt.subplots(1, len(sources), figsize=(4.4 * len(sources) + 0.4, 4.4), squeeze=False)
+    for ax, source in zip(axes[0], sources, strict=True):
+        _draw_curves(ax, table, style, f"val/{source}/loss", "tokens", markers=True)
+        eng(ax)
+        ax.set_title(f"validation loss on {source}", fontsize=11)
+        ax.set_xlabel(_axis_label("tokens"))
+        ax.set_ylabel(LOSS)
+        ax.grid(True, alpha=0.3)
+    legend(fig, axes.ravel())
+    return save(fig, path)
+
+
 def selection_curves(table: Table, path: Path) -> Path | None:
     """The selected fraction of each step, and ESLM's alpha where a run logged it."""
     plt = pyplot()

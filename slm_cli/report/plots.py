@@ -4,6 +4,7 @@
   strategy, seed spread as error bars, the Pareto front of all configurations dashed;
 - loss_vs_tokens.png, loss_vs_flops.png: training and validation loss curves (mean over seeds,
   ±1 std shaded);
+- val_loss_by_source.png: a mixture's validation loss on each source (data=mix);
 - selection.png: the selected fraction of each step and, where logged, ESLM's alpha.
 
 The style every figure shares is slm_cli/report/plot_style.py's; the curves are
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from slm_cli.report.curves import loss_curves, selection_curves
+from slm_cli.report.curves import loss_curves, selection_curves, source_curves
 from slm_cli.report.plot_style import ALONG_SERIES, LOSS, eng, legend, pyplot, save, styles
 from slm_cli.report.table import Table, format_value
 
@@ -65,11 +66,13 @@ def val_loss_vs_flops(table: Table, path: Path) -> Path | None:
             ax.errorbar([p[0] for p in pts], [p[1] for p in pts], xerr=[p[2] for p in pts],
                         yerr=[p[3] for p in pts], color=color, marker="o", markersize=6, capsize=4,
                         linestyle="-" if len(pts) > 1 else "none", linewidth=1, label=label)
-            if along and len(pts) > 1:  # name the budget / length of each point of a series
+            # name each point of a series by the budget / length keys that vary along it
+            varying = [i for i, c in enumerate(table.columns)
+                       if c in along and len({repr(p[4].key[i]) for p in pts}) > 1]
+            if varying and len(pts) > 1:
                 for x, y, _, _, row in pts:
-                    text = ", ".join(f"{c.rsplit('.', 1)[-1]}={format_value(v)}"
-                                     for c, v in zip(table.columns, row.key, strict=True)
-                                     if c in along and v is not None)
+                    text = ", ".join(f"{table.columns[i].rsplit('.', 1)[-1]}={format_value(row.key[i])}"
+                                     for i in varying if row.key[i] is not None)
                     ax.annotate(text, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8,
                                 color=color)
             everything += [(p[0], p[1]) for p in pts]
@@ -100,6 +103,8 @@ FIGURES: list[tuple[str, str, Callable[[Table, Path], Path | None]]] = [
      "±1 std shaded.", lambda t, p: loss_curves(t, p, ["tokens"])),
     ("loss_vs_flops.png", "Training and validation loss against cumulative training FLOPs, nominal (left) "
      "and realised (right).", lambda t, p: loss_curves(t, p, ["flops/nominal", "flops/realized"])),
+    ("val_loss_by_source.png", "A mixture's validation loss on each of its sources against training tokens; "
+     "mean over seeds, ±1 std shaded.", source_curves),
     ("selection.png", "Selected fraction of each step's tokens, and ESLM's alpha (adapted by Ada-ESLM), "
      "by optimizer step.", selection_curves),
 ]
