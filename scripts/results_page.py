@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from slm_cli.outputs import atomic_write
-from slm_cli.report.matched import SIGNIFICANCE, verdict
+from slm_cli.report.matched import SIGNIFICANCE, Point, verdict
 from slm_cli.report.runs import read_metrics_csv
 from slm_cli.report.table import si
 
@@ -117,11 +117,9 @@ def table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> st
 
 def diff_between(a: dict[str, str], b: dict[str, str], figure: str = "val_loss") -> tuple[float, float] | None:
     """a − b of a figure's means, with the standard error of the difference."""
-    ma, sa, na = num(a, f"{figure}_mean"), num(a, f"{figure}_std") or 0.0, num(a, "n") or 1
-    mb, sb, nb = num(b, f"{figure}_mean"), num(b, f"{figure}_std") or 0.0, num(b, "n") or 1
-    if ma is None or mb is None:
-        return None
-    return ma - mb, math.sqrt(sa ** 2 / na + sb ** 2 / nb)
+    points = [None if (m := num(r, f"{figure}_mean")) is None
+              else Point(m, num(r, f"{figure}_std") or 0.0, int(num(r, "n") or 1)) for r in (a, b)]
+    return None if None in points else points[0].minus(points[1])
 
 
 def said(diff_se: tuple[float, float] | None, better: str, worse: str, same: str) -> str:

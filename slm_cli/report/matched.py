@@ -22,8 +22,6 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from slm_cli.report.curves import row_curve
 from slm_cli.report.runs import Run, flatten
 from slm_cli.report.table import IGNORED_KEYS, IGNORED_PREFIXES, Row, Table
@@ -86,10 +84,9 @@ def context(run: Run) -> tuple[tuple[str, str], ...]:
 
 
 def _point(row: Row, figure: str) -> Point | None:
-    values = [r.figures[figure] for r in row.finished if math.isfinite(r.figures.get(figure, math.nan))]
-    if not values:
-        return None
-    return Point(float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values))
+    """A row's figure as a Point: Row.stats's mean, sample std (0 for one run) and count."""
+    mean, std, n = row.stats(figure)
+    return None if mean is None else Point(mean, std or 0.0, n)
 
 
 def clm_budgets(rows: Sequence[Row]) -> list[Budget]:
