@@ -23,7 +23,7 @@ from torch import Tensor
 
 from slm_cli import distributed, flops, optim
 from slm_cli.errors import SlmError
-from slm_cli.loss import perplexity, token_stats, weighted_loss
+from slm_cli.loss import Workspace, perplexity, token_stats, weighted_loss
 from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.selection.base import Selection
 from slm_cli.selection.plan import Devices, Planner, StepSelection
@@ -76,6 +76,8 @@ class SLMModule(L.LightningModule):
         self.accumulate = accumulate_grad_batches
         self.chunk_size = chunk_size
         self.keep_probs = keep_probs
+        # The head's blocks (the kept softmax, the chunk logits) are reused from step to step.
+        self.workspace = Workspace()
         self.compile = compile
         self.tokenizer_json = tokenizer_json
         self.run_config = run_config or {}
@@ -116,7 +118,8 @@ class SLMModule(L.LightningModule):
             h = hidden.reshape(-1, hidden.shape[-1])
             y = labels.reshape(-1)
             stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
-                                entropy=self.selection.needs_entropy, keep_probs=self.keep_probs)
+                                entropy=self.selection.needs_entropy, keep_probs=self.keep_probs,
+                                workspace=self.workspace)
             loss_all = stats.loss  # read before weighted_loss, which takes over the kept softmax
             plan, part = planned, index
             if plan is None:  # select now, on this micro-batch's features
@@ -127,7 +130,7 @@ class SLMModule(L.LightningModule):
             scale = plan.scale
             weights = mask.to(torch.float32) * scale
             loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
-                                 chunk_size=self.chunk_size)
+                                 chunk_size=self.chunk_size, workspace=self.workspace)
             # A tuple, not a dataclass, so that FSDP2 finds the loss tensor in the output and hooks
             # its backward (it looks through tuples, not through arbitrary objects).
             return loss, MicroOutput(token_loss=loss_all, selected=mask.sum(), features=plan.features,
@@ -230,7 +233,7 @@ class SLMModule(L.LightningModule):
         def head(hidden: Tensor, weight: Tensor) -> Tensor:
             h = hidden.reshape(-1, hidden.shape[-1])
             stats = token_stats(h, weight, batch["labels"].reshape(-1), chunk_size=self.chunk_size,
-                                keep_probs=False)
+                                keep_probs=False, workspace=self.workspace)
             # Padding windows (ShardSampler, so every device runs as many batches) weigh 0.
             w = batch["weight"].double()
             loss = (stats.loss.double().view(w.shape[0], -1) * w[:, None]).sum(1)

@@ -9,8 +9,9 @@ that cannot fit stops in one line instead of growing for minutes. It counts, per
   inputs and outputs, q/k/v, attention output, the MLP's 4d input and GELU output), plus the
   attention matrix (heads · T per token) where the attention kernel materialises it; in the
   autocast dtype under mixed precision;
-- the loss path: the kept softmax (`loss.keep_probs`: tokens × Vp float32) and one chunk's
-  logits, log-probabilities and probabilities (3 · chunk_size × Vp float32);
+- the loss path: the kept log-softmax (`loss.keep_probs`: tokens × Vp float32) and two chunks
+  (2 · chunk_size × Vp float32): the backward's block of kept rows (store mode) or of recomputed
+  logits (recompute mode), and the low-precision copies of a chunk under mixed precision;
 - the process itself (CPU: its resident memory once torch and Lightning are loaded, measured;
   GPU: a CUDA context allowance).
 
@@ -89,7 +90,7 @@ def memory(gpt: GPTConfig, params: int, budget: Budget, cfg: DictConfig) -> dict
         "optimizer": 8.0 * params / share,
         "activations": float(tokens * gpt.n_layer * per_token_layer * act_bytes + tokens * gpt.n_embd * 4),
         "keep_probs": float(tokens * vp * 4) if cfg.loss.keep_probs else 0.0,
-        "logits_chunk": float(3 * chunk * vp * 4),
+        "logits_chunk": float(2 * chunk * vp * 4),
         "runtime": CUDA_CONTEXT if on_gpu else _rss_bytes(),
     }
 

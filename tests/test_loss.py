@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slm_cli.loss import SparseTargets, token_stats, weighted_loss
+from slm_cli.loss import SparseTargets, Workspace, _exp_rows, token_stats, weighted_loss
 
 M, D, V = 37, 16, 50  # M is prime so no chunk size below divides it
 
@@ -51,14 +51,14 @@ def test_token_stats_match_dense_float64(data, chunk_size):
     torch.testing.assert_close(stats.loss.double(), -logp.gather(1, labels[:, None]).squeeze(1), **kw)
     torch.testing.assert_close(stats.lse.double(), torch.logsumexp(logits, -1), **kw)
     torch.testing.assert_close(stats.entropy.double(), -(logp.exp() * logp).sum(-1), **kw)
-    torch.testing.assert_close(stats.probs.double(), logp.exp(), **kw)
-    assert stats.loss.dtype == stats.lse.dtype == stats.probs.dtype == torch.float32
+    torch.testing.assert_close(stats.log_probs.double(), logp, **kw)
+    assert stats.loss.dtype == stats.lse.dtype == stats.log_probs.dtype == torch.float32
     assert not stats.loss.requires_grad
 
 
 def test_token_stats_optional_outputs(data):
     stats = token_stats(*data, keep_probs=False)
-    assert stats.probs is None and stats.entropy is None
+    assert stats.log_probs is None and stats.entropy is None
 
 
 @pytest.mark.parametrize("keep_probs", [True, False])
@@ -208,3 +208,50 @@ def test_autocast_bfloat16_with_a_selection(data, keep_probs, soft):
     ref = reference(hidden, weight, y, weights)
     for x, r in zip((value.detach(), h.grad, w.grad), ref, strict=True):
         torch.testing.assert_close(x.double(), r, rtol=0.05, atol=0.05 * r.abs().max().item())
+
+
+# ---- the workspace and the kept rows' softmax -----------------------------------------------------
+def test_workspace_reuses_cpu_buffers_and_grows():
+    ws = Workspace()
+    a = ws.block("log_probs", 4, 10, torch.device("cpu"))
+    b = ws.block("log_probs", 3, 10, torch.device("cpu"))  # smaller: the same memory
+    assert b.data_ptr() == a.data_ptr() and b.shape == (3, 10) and b.is_contiguous()
+    c = ws.block("kept", 3, 10, torch.device("cpu"))  # another name: other memory
+    assert c.data_ptr() != a.data_ptr()
+    d = ws.block("log_probs", 8, 10, torch.device("cpu"))  # larger: a new buffer
+    assert d.shape == (8, 10) and d.untyped_storage().nbytes() == 8 * 10 * 4
+
+
+@pytest.mark.parametrize("rows", [
+    [0, 1, 2, 3, 4, 5, 6, 7, 8, 9],  # every row: one run
+    [3],  # one row
+    [0, 2, 4, 6, 8],  # runs of one
+    [1, 2, 3, 7, 8, 9],  # two runs, neither at the start
+])
+def test_exp_rows_equals_gather_then_exp(rows):
+    log_probs = torch.log_softmax(torch.randn(10, 33, generator=torch.Generator().manual_seed(4)), -1)
+    r = torch.tensor(rows)
+    out = torch.full((len(rows), 33), float("nan"))
+    got = _exp_rows(log_probs, r, out)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, log_probs[r].exp(), rtol=1e-6, atol=0)
+
+
+def test_a_shared_workspace_changes_no_result(data):
+    """The training step reuses one workspace across micro-batches and steps: every call must give
+    what a fresh call gives, whatever the previous call left in the buffers (a larger batch, a
+    selection, recompute mode)."""
+    hidden, weight, labels = data
+    ws = Workspace()
+    sel = torch.zeros(M)
+    sel[::2] = 1 / len(range(0, M, 2))
+    calls = [(M, sel, True), (M, torch.full((M,), 1 / M), True), (20, torch.full((20,), 1 / 20), True),
+             (M, sel, False), (20, sel[:20] * 2, True)]
+    for n, weights, keep_probs in calls:
+        fresh = ours(hidden[:n], weight, labels[:n], weights, keep_probs=keep_probs)
+        h, w = hidden[:n].clone().requires_grad_(), weight.clone().requires_grad_()
+        stats = token_stats(h, w, labels[:n], chunk_size=8, keep_probs=keep_probs, entropy=True, workspace=ws)
+        value = weighted_loss(h, w, labels[:n], weights, stats, chunk_size=8, workspace=ws)
+        value.backward()
+        for x, y in zip((value.detach(), h.grad, w.grad), fresh, strict=True):
+            assert torch.equal(x, y)

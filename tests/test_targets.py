@@ -126,7 +126,7 @@ def test_soft_target_loss_and_gradient_equal_dense_float64(prepared, kind: str, 
     stats = token_stats(hidden.detach(), weight.detach(), labels, chunk_size=chunk, keep_probs=keep_probs)
     loss = weighted_loss(hidden, weight, labels, weights, stats, targets=targets, chunk_size=chunk)
     loss.backward()
-    assert stats.probs is None  # the kept softmax was taken over by the backward
+    assert stats.log_probs is None  # the kept softmax was taken over by the backward
 
     h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     y = torch.from_numpy(dense(targets, v))
