@@ -8,6 +8,10 @@ BIN := $(VENV)/bin
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo "torch" || echo "torch==2.13.0")
 STAMP := $(VENV)/.installed
 ARGS ?=
+# Test processes: most tests spend their time starting `slm` subprocesses, one core each, so one
+# worker per core (up to 4) halves the suite on 2 cores. A module's tests stay on one worker, so its
+# fixtures run once (and the SLURM tests never share the local cluster). TEST_WORKERS=0: in-process.
+TEST_WORKERS ?= auto
 
 .PHONY: install train test bench lint clean
 
@@ -23,7 +27,7 @@ train: install  ## prepare the embedded stdlib corpus and train gpt2-nano on it
 	$(BIN)/slm train $(ARGS)
 
 test: install  ## the test suite (what CI runs)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --maxprocesses=4 --dist loadscope $(ARGS)
 
 bench: install  ## benchmarks; figures go to docs/benchmarks.md
 	$(BIN)/python benchmarks/run.py $(ARGS)
