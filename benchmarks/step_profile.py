@@ -86,7 +86,7 @@ def _profile_run(label: str, overrides: list[str], n_steps: int, warmup: int) ->
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if batch_idx == warmup:
-                self.prof = profile(activities=[ProfilerActivity.CPU])
+                self.prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
                 self.prof.__enter__()
             self._t0 = time.perf_counter()
 
@@ -105,13 +105,15 @@ def _profile_run(label: str, overrides: list[str], n_steps: int, warmup: int) ->
     shutil.rmtree(run_dir, ignore_errors=True)
     steps = len(cb.walls)
     ms = dict.fromkeys(CLASSES, 0.0)
+    allocated = dict.fromkeys(CLASSES, 0.0)  # MB of new tensors per step: fresh memory to fault in on a CPU
     for event in cb.prof.events():
         cls = classify(event)
         if cls is not None:
             ms[cls] += event.self_cpu_time_total / 1e3 / steps
+            allocated[cls] += max(0, event.self_cpu_memory_usage) / 2**20 / steps
     wall = statistics.mean(cb.walls) * 1e3
     ms["not in an op: Python, Lightning, loader"] = max(0.0, wall - sum(ms.values()))
-    return {"ms_per_step": wall, "ms_by_class": ms}
+    return {"ms_per_step": wall, "ms_by_class": ms, "mb_allocated_by_class": allocated}
 
 
 def step_profile(quick: bool) -> dict[str, Any]:
@@ -145,6 +147,8 @@ def step_profile(quick: bool) -> dict[str, Any]:
                                             for label, _, _ in VARIANTS), flush=True)
     runs = {label: {"ms_per_step": statistics.median(x["ms_per_step"] for x in got),
                     "ms_by_class": {c: statistics.median(x["ms_by_class"][c] for x in got) for c in CLASSES},
+                    "mb_allocated_by_class": {c: statistics.median(x["mb_allocated_by_class"][c] for x in got)
+                                              for c in CLASSES},
                     "rounds": got}
             for label, got in per_round.items()}
 
@@ -154,12 +158,13 @@ def step_profile(quick: bool) -> dict[str, Any]:
         share = flops_share.get(cls)
         rows.append([cls, shrinks, "" if share is None else f"{share:.3f}",
                      *(f"{runs[label]['ms_by_class'][cls]:.0f}" for label, _, _ in VARIANTS),
-                     f"{clm['ms_by_class'][cls] / clm['ms_per_step']:.3f}"])
+                     f"{clm['ms_by_class'][cls] / clm['ms_per_step']:.3f}",
+                     f"{clm['mb_allocated_by_class'][cls]:.0f}"])
     rows.append(["step (wall)", "", "1.000", *(f"{runs[label]['ms_per_step']:.0f}" for label, _, _ in VARIANTS),
-                 "1.000"])
+                 "1.000", f"{sum(clm['mb_allocated_by_class'].values()):.0f}"])
     print()
     print(table(["class", "shrinks with k", "FLOPs share (CLM)", *(f"{label} ms" for label, _, _ in VARIANTS),
-                 "time share (CLM)"], rows))
+                 "time share (CLM)", "MB allocated (CLM)"], rows))
     # Only the head's backward shrinks with k (slm_cli/flops.py). If it shrank exactly in proportion
     # and nothing else changed, time saved / realised FLOPs saved would be its share of CLM's time
     # over its share of CLM's FLOPs: the ceiling for selection_step's time/FLOPs figure.
@@ -168,7 +173,8 @@ def step_profile(quick: bool) -> dict[str, Any]:
     print(f"\nwhat shrinks with k (the head's backward): {flops_share['head backward: gradient matmuls']:.3f} of "
           f"CLM's FLOPs, {shrinking:.3f} of its time -> time saved / realised FLOPs saved can reach {ceiling:.2f}")
     print("ms: self CPU time of the ops per step, median over rounds (the profiler adds a little to each op); "
-          "'not in an op' = the step's wall time minus the ops'")
+          "'not in an op' = the step's wall time minus the ops'; MB allocated: new tensors per step (each fresh "
+          "block is faulted in, zeroed, on its first write on a CPU)")
     return {"quick": quick, **{k: p[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
                                                  "vocab_size")},
             "rounds": rounds, "profiled_steps": profiled, "warmup_steps": warmup, "flops_share": flops_share,

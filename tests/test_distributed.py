@@ -34,6 +34,14 @@ SPLITS = {  # global batch 4 windows per step in every case
 }
 
 
+# Parameters of runs on different splits agree to SAME_SPLIT: the float32 sums run in another order
+# (per micro-batch, per rank), and AdamW's m/√v turns that rounding into a step of up to lr on a
+# weight whose exact gradient is 0 or nearly (the attention's key bias: softmax ignores it). Measured:
+# 1.4e-5 at most after 4 steps at lr 3e-3, in isolated elements. A different selection moves the
+# parameters by ~1e-2 (scope=local below), a hundred times more.
+SAME_SPLIT = 1e-4
+
+
 def params(run_dir: Path) -> dict[str, torch.Tensor]:
     """The model's parameters from the run's last checkpoint (a file, or a sharded folder)."""
     return load_checkpoint(run_dir / "checkpoints" / "last.ckpt")["state_dict"]
@@ -60,7 +68,7 @@ def eslm_runs(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 def test_global_selection_gives_the_same_parameters_on_any_split(eslm_runs: dict[str, Path], split: str) -> None:
     reference = params(eslm_runs["one"])
     diff = max_diff(params(eslm_runs[split]), reference)
-    assert diff < 1e-5, f"{split}: parameters differ from the one-process run by {diff}"
+    assert diff < SAME_SPLIT, f"{split}: parameters differ from the one-process run by {diff}"
     one = json.loads((eslm_runs["one"] / "summary.json").read_text())
     other = json.loads((eslm_runs[split] / "summary.json").read_text())
     # Counters are summed over ranks and micro-batches: the same integers as one process.
@@ -87,7 +95,7 @@ def test_scoring_pass_is_counted_in_realised_flops_only(eslm_runs: dict[str, Pat
 
 def test_local_scope_selects_per_device(eslm_runs: dict[str, Path]) -> None:
     diff = max_diff(params(eslm_runs["ddp_local"]), params(eslm_runs["one"]))
-    assert diff > 1e-4, "scope=local should train on other tokens than one selection over the global batch"
+    assert diff > 10 * SAME_SPLIT, "scope=local should train on other tokens than one selection over the global batch"
     local = json.loads((eslm_runs["ddp_local"] / "summary.json").read_text())
     assert local["selected_tokens"] == 4 * 2 * math.ceil(0.6 * 2 * 32)  # per device
 
@@ -112,7 +120,7 @@ def test_ada_eslm_alpha_is_the_same_on_every_split(tiny_data: Path, tmp_path: Pa
     a, b = (load_checkpoint(tmp_path / n / "checkpoints" / "last.ckpt") for n in ("one", "ddp"))
     assert a["slm"]["selection"]["state"]["alpha"] != 0.5  # it moved
     assert b["slm"]["selection"]["state"]["alpha"] == pytest.approx(a["slm"]["selection"]["state"]["alpha"], abs=1e-12)
-    assert max_diff(a["state_dict"], b["state_dict"]) < 1e-5
+    assert max_diff(a["state_dict"], b["state_dict"]) < SAME_SPLIT
 
 
 def test_fsdp_sharded_checkpoint_resumes_exactly_and_evaluates(eslm_runs: dict[str, Path], tiny_data: Path,
@@ -172,7 +180,7 @@ def test_every_strategy_is_the_same_on_any_split(strategy_runs: dict[tuple[str, 
                                                  split: str) -> None:
     one, other = strategy_runs[strategy, "one"], strategy_runs[strategy, split]
     diff = max_diff(params(other), params(one))
-    assert diff < 1e-5, f"{strategy} {split}: parameters differ from the one-process run by {diff}"
+    assert diff < SAME_SPLIT, f"{strategy} {split}: parameters differ from the one-process run by {diff}"
     a, b = (json.loads((run / "summary.json").read_text()) for run in (one, other))
     assert (b["selected_tokens"], b["flops_nominal"]) == (a["selected_tokens"], a["flops_nominal"])
 
