@@ -235,8 +235,7 @@ def _exp_rows(log_probs: Tensor, rows: Tensor, out: Tensor) -> Tensor:
         return torch.index_select(log_probs, 0, rows, out=out).exp_()
     starts = torch.cat([rows.new_zeros(1), (rows.diff() != 1).nonzero().squeeze(1) + 1]).tolist()
     ends = starts[1:] + [rows.numel()]
-    first = rows[starts].tolist() if starts else []
-    for src, a, b in zip(first, starts, ends, strict=True):
+    for src, a, b in zip(rows[starts].tolist(), starts, ends, strict=True):
         torch.exp(log_probs[src : src + b - a], out=out[a:b])
     return out
 
@@ -323,7 +322,7 @@ class _WeightedHeadCE(torch.autograd.Function):
                         grad_w.addmm_(G.T, h_scaled)
                     else:
                         grad_w += (G.T @ h_scaled).float()
-                del G  # before the next chunk allocates its own
+                del G  # a fresh block off the CPU (or a low-precision copy): freed before the next chunk's
         if need_w:
             grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None, None, None, None, None, None, None
