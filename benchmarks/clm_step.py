@@ -42,7 +42,7 @@ class PlainLoop:
         from slm_cli.data.prepare import prepare
         from slm_cli.data.windows import StepSampler, TrainWindows
         from slm_cli.model.gpt import GPT
-        from slm_cli.train import model_config
+        from slm_cli.run import model_config
 
         prepared = prepare(cfg.data, cfg.paths)
         gpt = model_config(cfg, prepared)
@@ -126,14 +126,14 @@ def _interleaved_clock(plain: PlainLoop, plain_first: bool) -> L.Callback:
 
 
 def _paired_round(overrides: list[str], run_dir: Path, plain_first: bool) -> L.Callback:
-    """`slm_cli.train.train(cfg)`, the real path, with the pairing clock added to its Trainer."""
-    import slm_cli.train as slm_train
+    """`slm_cli.run.train(cfg)`, the real path, with the pairing clock added to its Trainer."""
+    import slm_cli.run as slm_run
 
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run dir per round (and no stale logs)
     cfg = compose_train([*overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
     clock = _interleaved_clock(PlainLoop(cfg), plain_first)
     with trainer_callbacks(lambda: [clock]):
-        slm_train.train(cfg)
+        slm_run.train(cfg)
     return clock
 
 

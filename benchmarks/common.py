@@ -133,11 +133,11 @@ def run_child(name: str, **kwargs: Any) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def trainer_callbacks(callbacks: Callable[[], list[L.Callback]]) -> Iterator[None]:
-    """While inside, every Trainer that `slm_cli.train.train(cfg)` builds gets ``callbacks()`` (the
+    """While inside, every Trainer that `slm_cli.run.train(cfg)` builds gets ``callbacks()`` (the
     benchmark's clocks) first in its callback list; nothing else about the real training path changes."""
-    import slm_cli.train as slm_train
+    import slm_cli.run as slm_run
 
-    real_build = slm_train.build_trainer
+    real_build = slm_run.build_trainer
 
     def build_trainer(*args: Any, **kwargs: Any) -> L.Trainer:
         trainer = real_build(*args, **kwargs)
@@ -145,11 +145,11 @@ def trainer_callbacks(callbacks: Callable[[], list[L.Callback]]) -> Iterator[Non
             trainer.callbacks.insert(0, cb)
         return trainer
 
-    slm_train.build_trainer = build_trainer
+    slm_run.build_trainer = build_trainer
     try:
         yield
     finally:
-        slm_train.build_trainer = real_build
+        slm_run.build_trainer = real_build
 
 
 # ---- several `train()` runs taking turns step by step (selection_step, target_step) --------------
@@ -225,7 +225,7 @@ _THREAD_CALLBACKS: dict[int, list] = {}  # thread id -> callbacks for the Traine
 
 
 def interleaved_trains(jobs: list[tuple[str, list[str], Path]], threads: int) -> dict[str, tuple[Any, dict]]:
-    """Run `slm_cli.train.train(cfg)` for every (label, overrides, run_dir) at once, one thread each,
+    """Run `slm_cli.run.train(cfg)` for every (label, overrides, run_dir) at once, one thread each,
     taking turns step by step in the order of ``jobs``: step i of every variant, then step i+1...
     Returns {label: (clock, summary.json)}. Setup, validation and the final checkpoint run inside a
     turn too, so no two variants ever compute at the same time."""
@@ -233,7 +233,7 @@ def interleaved_trains(jobs: list[tuple[str, list[str], Path]], threads: int) ->
 
     import torch
 
-    import slm_cli.train as slm_train
+    import slm_cli.run as slm_run
 
     cfgs = {}
     for label, overrides, run_dir in jobs:  # Hydra's compose is global state: compose here, not in threads
@@ -248,7 +248,7 @@ def interleaved_trains(jobs: list[tuple[str, list[str], Path]], threads: int) ->
             torch.set_num_threads(threads)
             _THREAD_CALLBACKS[threading.get_ident()] = [clocks[label]]
             baton.wait(label)
-            slm_train.train(cfgs[label])
+            slm_run.train(cfgs[label])
             summaries[label] = json.loads((run_dir / "summary.json").read_text())
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             baton.fail(e)

@@ -67,8 +67,8 @@ def gpu(quick: bool) -> dict[str, Any]:
 
     if not torch.cuda.is_available():
         raise BenchError("no CUDA device on this machine: run `make bench ARGS=gpu` on a machine with a GPU")
-    from slm_cli.plan import GPU_PEAK
-    from slm_cli.train import train
+    from slm_cli.estimate import GPU_PEAK
+    from slm_cli.run import train
 
     p = QUICK if quick else FULL
     device = torch.cuda.get_device_name(0)

@@ -76,7 +76,7 @@ def _profile_run(label: str, overrides: list[str], n_steps: int, warmup: int) ->
     import lightning as L
     from torch.profiler import ProfilerActivity, profile
 
-    from slm_cli.train import train
+    from slm_cli.run import train
 
     class Profiler(L.Callback):
         def __init__(self) -> None:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from slm_cli.errors import SlmError
 
-SCOPES = ("global", "local")  # selection.scope: see slm_cli/selection/plan.py
+SCOPES = ("global", "local")  # selection.scope: see slm_cli/selection/scope.py
 # data.encoding_errors: what reading .txt/.jsonl files does with bytes that are not UTF-8 (the
 # `errors=` of Python's decode; see slm_cli/data/sources.py).
 ENCODING_ERRORS = ("strict", "replace", "ignore")

@@ -174,6 +174,35 @@ def token_stats(
 
 
 @torch.no_grad()
+def model_token_stats(
+    model: torch.nn.Module,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    entropy: bool = False,
+    chunk_size: int = 1024,
+    workspace: Workspace | None = None,
+    exit_layer: int | None = None,
+) -> TokenStats:
+    """Per-token statistics of an slm GPT on (B, T) ``input_ids`` and ``labels``: flat (B·T,)
+    loss, lse and optionally entropy, without a graph and without keeping the log-softmax.
+
+    The one way every reader (validation, `slm eval`, references, scoring passes, token pages)
+    runs the model for statistics: the head runs inside the model's forward (so FSDP gathers the
+    tied weight), chunked, and no (B, T, Vp) logits tensor exists. ``exit_layer`` stops the trunk
+    after that many blocks (an early exit through the final LayerNorm and the tied head,
+    :meth:`slm_cli.model.gpt.GPT.forward`)."""
+
+    def head(hidden: Tensor, weight: Tensor) -> TokenStats:
+        return token_stats(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size=chunk_size,
+                           entropy=entropy, keep_probs=False, workspace=workspace)
+
+    if exit_layer is None:
+        return model(input_ids, head=head)
+    return model(input_ids, head=head, exit_layer=exit_layer)
+
+
+@torch.no_grad()
 def logits_stats(logits: Tensor, labels: Tensor, *, entropy: bool = True) -> TokenStats:
     """The statistics of :func:`token_stats` from ready (M, V) logits (a Hugging Face model's
     output), in float32 row chunks of about 64 MB so that the float32 copy stays bounded."""

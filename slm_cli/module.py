@@ -6,7 +6,7 @@ accumulation here, rather than in Lightning, keeps every micro-batch of a step i
 is where a selection over the whole step belongs.
 
 Where the strategy selects (selection.scope: the global batch or one micro-batch) is planned by
-slm_cli/selection/plan.py; this module only runs the micro-batches through it.
+slm_cli/selection/scope.py; this module only runs the micro-batches through it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from slm_cli.errors import SlmError
 from slm_cli.loss import Workspace, perplexity, token_stats, weighted_loss
 from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.selection.base import Selection
-from slm_cli.selection.plan import Devices, Planner, StepSelection
+from slm_cli.selection.scope import Devices, Planner, StepSelection
 from slm_cli.target.base import Target
 from slm_cli.target.onehot import OneHot
 

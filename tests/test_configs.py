@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # conf groups whose files instantiate a class of the code folder of the same name
 GROUPS = {"selection": "slm_cli.selection", "target": "slm_cli.target", "model": "slm_cli.model"}
-# keys the training loop reads itself rather than the class (slm_cli/train.py)
+# keys the training loop reads itself rather than the class (slm_cli/run.py)
 LOOP_KEYS = {"selection": {"scope"}, "model": {"name"}}
 
 

@@ -156,7 +156,7 @@ def test_incomplete_contexts_keep_the_one_hot_target(prepared, kind: str) -> Non
 
 
 def test_a_target_too_wide_for_the_budget_is_refused_up_front(prepared) -> None:
-    from slm_cli.train import check_target_memory
+    from slm_cli.run import check_target_memory
 
     target = AllNTs(n=N, weight=0.5)
     target.token_arrays(prepared)

@@ -25,7 +25,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from slm_cli.config import positive_int_or_null
     from slm_cli.data.prepare import prepare
     from slm_cli.reference.models import load
-    from slm_cli.reference.scores import check_context, default_name, sanitise, write_scores
+    from slm_cli.reference.scores import check_context, default_name, write_scores
+    from slm_cli.text import slug
 
     batch_size = positive_int_or_null("batch_size", cfg.batch_size, 16)
     if batch_size is None:
@@ -43,7 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ref.to(device)
     prepared = prepare(cfg.data, cfg.paths, tokenizer_spec=ref.tokenizer_spec)
     ref.check_data(prepared)
-    name = sanitise(cfg.name) if cfg.name else default_name(ref.spec)
+    name = slug(cfg.name, "reference") if cfg.name else default_name(ref.spec)
     folder, stats = write_scores(prepared, name, ref, context=context, stride=stride, batch_size=batch_size)
     n = int(prepared.meta["train_tokens"])
     rate = n / stats["seconds"] if stats["seconds"] > 0 else math.inf

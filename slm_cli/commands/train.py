@@ -16,10 +16,10 @@ def main(cfg: DictConfig) -> float | None:
 
     from slm_cli.commands.launch import check_launcher, local_launch
     from slm_cli.errors import SlmError
-    from slm_cli.train import discard_unstarted, train
+    from slm_cli.run import discard_unstarted, train
 
     if cfg.dry_run:
-        from slm_cli.train import dry_run
+        from slm_cli.run import dry_run
 
         try:
             dry_run(cfg)

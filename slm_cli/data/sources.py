@@ -7,7 +7,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import sys
 import sysconfig
 from collections.abc import Iterable
@@ -19,6 +18,7 @@ import pyarrow.compute as pc
 from omegaconf import DictConfig, OmegaConf
 
 from slm_cli.errors import SlmError
+from slm_cli.text import slug
 
 # File suffix -> `datasets` packaged builder.
 SUFFIX_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -150,28 +150,25 @@ def _check_source(data_cfg: DictConfig) -> None:
         raise SlmError(f"data.sample_by={data_cfg.sample_by} is unknown: use {', '.join(SAMPLE_BY)}")
 
 
-def _sanitise(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "_", name).strip("._") or "corpus"
-
 
 def source_name(data_cfg: DictConfig) -> str:
     """Folder name for the prepared data: data.name, else derived from the source."""
     _check_source(data_cfg)
     if _cfg(data_cfg, "name"):
-        return _sanitise(str(data_cfg.name))
+        return slug(str(data_cfg.name), "corpus")
     if data_cfg.source == "stdlib":
         return "stdlib"
     if data_cfg.source == "hub":
         hub_name = _required(data_cfg, "hub_name", "set data.hub_name to a `datasets` hub name")
         base = Path(hub_name.rstrip("/")).name
-        return _sanitise(f"{base}-{data_cfg.hub_config}" if data_cfg.hub_config else base)
+        return slug(f"{base}-{data_cfg.hub_config}" if data_cfg.hub_config else base, "corpus")
     spec = _required(data_cfg, "path", PATH_FIX)
     if glob.has_magic(spec):  # "corpus/**/*.txt" -> "corpus_.txt": the folder and the pattern
         parts = Path(spec).parts
         first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-        return _sanitise("_".join(parts[max(first_magic - 1, 0) :]))
+        return slug("_".join(parts[max(first_magic - 1, 0) :]), "corpus")
     path = Path(spec).expanduser().resolve()
-    return _sanitise(path.stem if path.is_file() else path.name)
+    return slug(path.stem if path.is_file() else path.name, "corpus")
 
 
 def source_description(data_cfg: DictConfig) -> str:

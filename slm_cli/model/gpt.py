@@ -142,11 +142,14 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: Tensor, head: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
+    def forward(self, idx: Tensor, head: Callable[[Tensor, Tensor], Any] | None = None,
+                exit_layer: int | None = None) -> Any:
         """Final hidden states ``ln_f(...)`` of shape (B, T, d), or ``head(hidden, lm_head.weight)``.
 
         The head is applied here rather than by the caller so that, under FSDP, the tied
         (Vp, d) weight is gathered while this module's forward (and its backward) runs.
+        ``exit_layer`` = ℓ stops after the first ℓ blocks and applies ``ln_f`` and the head there:
+        an early exit with no parameters of its own (instance selection scores windows with it).
         """
         t = idx.shape[1]
         if t > self.config.block_size:
@@ -156,7 +159,8 @@ class GPT(nn.Module):
             )
         pos = torch.arange(t, dtype=torch.long, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
-        for block in self.transformer.h:
+        blocks = self.transformer.h if exit_layer is None else self.transformer.h[:exit_layer]
+        for block in blocks:
             x = block(x)
         x = self.transformer.ln_f(x)
         return x if head is None else head(x, self.lm_head.weight)

@@ -20,7 +20,6 @@ On disk, beside ``train.bin`` (committed as one folder, slm_cli/data/sidecar.py)
 from __future__ import annotations
 
 import datetime
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from tqdm import tqdm
 from slm_cli.data.sidecar import META, check_same_corpus, commit, load_array, read_meta, staged
 from slm_cli.errors import SlmError
 from slm_cli.outputs import RUN_DIR_CHECKPOINT
+from slm_cli.text import slug
 
 if TYPE_CHECKING:
     from slm_cli.data.prepared import PreparedData
@@ -52,11 +52,8 @@ def default_name(spec: str) -> str:
         name = run if path.name == RUN_DIR_CHECKPOINT.name else f"{run}-{path.stem}"
     else:
         name = path.stem if path.is_file() else path.name
-    return sanitise(name)
+    return slug(name, "reference")
 
-
-def sanitise(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.") or "reference"
 
 
 # ---- scoring a token stream ------------------------------------------------------------------
@@ -132,7 +129,7 @@ def _find(prepared: PreparedData, path: str | None, name: str | None) -> Path:
     if path:
         return Path(path).expanduser()
     if name:
-        return prepared.dir / f"ref-{sanitise(name)}"
+        return prepared.dir / f"ref-{slug(name, 'reference')}"
     found = sorted(p for p in prepared.dir.glob("ref-*") if (p / META).is_file())
     if not found:
         raise _missing(prepared, "no ref-* folder")

@@ -5,7 +5,7 @@ A selection strategy saves FLOPs, so the fair question is not only "is it better
 steps?" but "is it better than CLM given the same compute?". CLM runs of several lengths (the same
 config apart from ``trainer.max_steps``) trace CLM's loss against compute, each run with its own
 full learning-rate schedule. A strategy's FLOPs are then located on that curve: CLM's loss there is
-interpolated linearly in log FLOPs between the two CLM budgets around it (never extrapolated), and
+interpolated linearly in log FLOPs between the two CLM lengths around it (never extrapolated), and
 its spread likewise. Each difference Δ = strategy − CLM comes with its standard error
 sqrt(s₁²/n₁ + s₂²/n₂), and it counts as a difference only beyond twice that.
 
@@ -48,7 +48,7 @@ class Point:
 
 
 @dataclass
-class Budget:
+class ClmLength:
     """CLM at one length: its steps, FLOPs (nominal equals realised for CLM) and final loss."""
 
     steps: float
@@ -89,23 +89,23 @@ def _point(row: Row, figure: str) -> Point | None:
     return None if mean is None else Point(mean, std or 0.0, n)
 
 
-def clm_budgets(rows: Sequence[Row]) -> list[Budget]:
-    """CLM rows of one context as budgets, by increasing FLOPs."""
+def clm_lengths(rows: Sequence[Row]) -> list[ClmLength]:
+    """CLM rows of one context, one per length, by increasing FLOPs."""
     out = []
     for row in rows:
         loss, steps, flops = _point(row, "val_loss"), _point(row, "steps"), _point(row, "flops_realized")
         if loss and steps and flops:
-            out.append(Budget(steps.mean, flops.mean, loss, row))
+            out.append(ClmLength(steps.mean, flops.mean, loss, row))
     return sorted(out, key=lambda b: b.flops)
 
 
-def at_flops(budgets: Sequence[Budget], flops: float, tolerance: float = 0.005) -> Point | None:
+def at_flops(lengths: Sequence[ClmLength], flops: float, tolerance: float = 0.005) -> Point | None:
     """CLM's final loss at ``flops``: a budget within ``tolerance`` (relative) of it, or linear in
-    log FLOPs between the two budgets around it; None outside the budgets' range."""
-    for b in budgets:
+    log FLOPs between the two lengths around it; None outside the lengths' range."""
+    for b in lengths:
         if abs(b.flops - flops) <= tolerance * b.flops:
             return b.loss
-    for lo, hi in zip(budgets, budgets[1:], strict=False):
+    for lo, hi in zip(lengths, lengths[1:], strict=False):
         if lo.flops < flops < hi.flops:
             w = (math.log(flops) - math.log(lo.flops)) / (math.log(hi.flops) - math.log(lo.flops))
             return Point((1 - w) * lo.loss.mean + w * hi.loss.mean, (1 - w) * lo.loss.std + w * hi.loss.std,
@@ -138,8 +138,8 @@ def compare(table: Table) -> list[Comparison]:
             groups.setdefault(context(row.finished[0]), []).append(row)
     out = []
     for rows in groups.values():
-        budgets = clm_budgets([r for r in rows if all(is_clm(run) for run in r.finished)])
-        if not budgets:
+        lengths = clm_lengths([r for r in rows if all(is_clm(run) for run in r.finished)])
+        if not lengths:
             continue
         for row in rows:
             if all(is_clm(run) for run in row.finished):
@@ -148,12 +148,12 @@ def compare(table: Table) -> list[Comparison]:
             nominal, realized = _point(row, "flops_nominal"), _point(row, "flops_realized")
             if loss is None or steps is None:
                 continue
-            same = next((b for b in budgets if b.steps == steps.mean), None)
+            same = next((b for b in lengths if b.steps == steps.mean), None)
             out.append(Comparison(
                 row=row, loss=loss, steps=steps.mean,
                 same_steps=same.loss if same else None,
-                same_nominal=at_flops(budgets, nominal.mean) if nominal else None,
-                same_realized=at_flops(budgets, realized.mean) if realized else None,
+                same_nominal=at_flops(lengths, nominal.mean) if nominal else None,
+                same_realized=at_flops(lengths, realized.mean) if realized else None,
                 steps_to_clm=steps_to_reach(row.finished, same.loss.mean) if same else None))
     return out
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slm_cli.report.runs import SOURCE_LOSS, Run, flatten
+from slm_cli.text import duration
 
 # Keys that never tell configurations apart: the seed is what a row aggregates over; paths, the
 # resume checkpoint, loggers and progress display do not change what is trained.
@@ -180,13 +181,6 @@ def si(value: float, digits: int = 3) -> str:
             return text + suffix
     return f"{value:g}"
 
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.1f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _one(figure: str, value: float) -> str:

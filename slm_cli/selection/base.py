@@ -53,7 +53,7 @@ class Selection:
     needs_entropy: bool = False  # ask token_stats for the model's per-token predictive entropy
     # Whether the mask depends on the model's per-token statistics. CLM's and random's do not: they
     # select from the batch alone, so global scope over several micro-batches needs no scoring
-    # pass for them (slm_cli/selection/plan.py) and the baseline pays for no machinery it does not use.
+    # pass for them (slm_cli/selection/scope.py) and the baseline pays for no machinery it does not use.
     reads_model: bool = True
 
     def features(self, stats: TokenStats | None, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -1,6 +1,6 @@
 """ESLM and Ada-ESLM: risk-averse selective language modelling (arXiv 2505.19893).
 
-ESLM scores every token of the batch (the global batch by default; slm_cli/selection/plan.py)
+ESLM scores every token of the batch (the global batch by default; slm_cli/selection/scope.py)
 by its risk S_j (the model's loss ℓ_j or predictive entropy H_j, computed without gradient) and
 trains only on the high-risk tail: the tokens at or above the batch's value-at-risk at
 confidence α. With S_j = ℓ_j the training loss, the mean loss
@@ -39,7 +39,7 @@ SCORES = ("loss", "entropy")
 class ESLM(Selection):
     """Keep the ⌈(1−α)M⌉ highest-risk tokens of the M tokens selected over: the whole global
     batch (every micro-batch on every device; selection.scope=global, the default) or one
-    micro-batch (scope=local), as slm_cli/selection/plan.py hands them over.
+    micro-batch (scope=local), as slm_cli/selection/scope.py hands them over.
 
     The default α = 0.4 keeps 60% of the tokens, the same budget as `random` (ratio 0.6) and the
     Rho-1 default, so the strategies compare at equal FLOPs out of the box; larger α (the paper

@@ -15,7 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from slm_cli import flops, plan
+from slm_cli import estimate, flops
 from slm_cli.budget import Budget, resolve_hardware
 from slm_cli.budget import apply as apply_budget
 from slm_cli.config import check_train
@@ -110,14 +110,14 @@ def resolve_config(cfg: DictConfig) -> Budget:
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
     """`slm train dry_run=true`: the plan, printed, without preparing data or training."""
     budget = resolve_config(cfg)
-    vocab, source = plan.vocab_size(cfg)
+    vocab, source = estimate.vocab_size(cfg)
     gpt = gpt_config(cfg, vocab)
-    figures = plan.make(cfg, gpt, budget)
-    print(f"plan (vocabulary from {source}):\n{plan.describe(figures, cfg)}")
-    capacity, what = plan.device_memory(cfg.trainer.accelerator)
+    figures = estimate.make(cfg, gpt, budget)
+    print(f"plan (vocabulary from {source}):\n{estimate.describe(figures, cfg)}")
+    capacity, what = estimate.device_memory(cfg.trainer.accelerator)
     verdict = "fits" if figures["memory_total"] <= capacity else "does NOT fit"
-    print(f"memory      {figures['memory_total'] / plan.GIB:.2f} GiB {verdict} in the {what} "
-          f"({capacity / plan.GIB:.1f} GiB)")
+    print(f"memory      {figures['memory_total'] / estimate.GIB:.2f} GiB {verdict} in the {what} "
+          f"({capacity / estimate.GIB:.1f} GiB)")
     if cfg.get("plan_out"):
         write_json(cfg.plan_out, figures)
     return figures
@@ -129,7 +129,7 @@ def setup(
     """Check everything that can be checked before training starts, and build the pieces."""
     budget = resolve_config(cfg)
     # Memory first, from the configured vocabulary: a run that cannot fit stops before preparing data.
-    plan.check_fits(plan.make(cfg, gpt_config(cfg, plan.vocab_size(cfg)[0]), budget), cfg)
+    estimate.check_fits(estimate.make(cfg, gpt_config(cfg, estimate.vocab_size(cfg)[0]), budget), cfg)
     resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)

@@ -35,6 +35,7 @@ from slm_cli import flops
 from slm_cli.budget import Budget
 from slm_cli.errors import SlmError
 from slm_cli.model.gpt import GPTConfig
+from slm_cli.text import duration
 
 GIB = 2**30
 # Peak dense bf16 (fp16 where there is no bf16) tensor FLOP/s, from the vendors' data sheets.
@@ -179,22 +180,11 @@ def describe(plan: dict[str, Any], cfg: DictConfig) -> str:
         + f" = {plan['memory_total'] / GIB:.2f} GiB",
     ]
     rate = cpu_flops_rate()
-    etas = [f"this CPU {_duration(plan['flops_realized'] / rate)} (at its measured matmul rate "
+    etas = [f"this CPU {duration(plan['flops_realized'] / rate)} (at its measured matmul rate "
             f"{rate / 1e9:.0f} GFLOP/s)"]
-    etas += [f"{name} {_duration(plan['flops_realized'] / (peak * ASSUMED_MFU * plan['world_size']))}"
+    etas += [f"{name} {duration(plan['flops_realized'] / (peak * ASSUMED_MFU * plan['world_size']))}"
              for name, peak in GPU_PEAK.items()]
     lines.append(f"ETA         on {plan['world_size']} device(s): " + "; ".join(etas)
                  + f" (GPUs at {ASSUMED_MFU:.0%} MFU)")
     return "\n".join(lines)
 
-
-def _duration(seconds: float) -> str:
-    if seconds < 10:
-        return f"{seconds:.1f} s"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 2 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
