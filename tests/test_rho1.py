@@ -371,9 +371,9 @@ def test_score_folder_names(tmp_path: Path) -> None:
     (tmp_path / "run 1" / "checkpoints").mkdir(parents=True)
     for file in ("last.ckpt", "step0000100.ckpt"):
         (tmp_path / "run 1" / "checkpoints" / file).touch()
-    assert default_name(str(tmp_path / "run 1" / "checkpoints" / "last.ckpt")) == "run-1"
-    assert default_name(str(tmp_path / "run 1" / "checkpoints" / "step0000100.ckpt")) == "run-1-step0000100"
-    assert default_name(str(tmp_path / "run 1")) == "run-1"
+    assert default_name(str(tmp_path / "run 1" / "checkpoints" / "last.ckpt")) == "run_1"
+    assert default_name(str(tmp_path / "run 1" / "checkpoints" / "step0000100.ckpt")) == "run_1-step0000100"
+    assert default_name(str(tmp_path / "run 1")) == "run_1"
 
 
 # ---- a Hugging Face reference --------------------------------------------------------------------------
