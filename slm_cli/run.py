@@ -199,6 +199,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary = {
         "steps": trainer.global_step,
         "train_tokens": int(c["train_tokens"]),
+        "forward_tokens": int(c["forward_tokens"]),
         "selected_tokens": int(c["selected_tokens"]),
         "val_loss": module.val_loss,
         "val_ppl": perplexity(module.val_loss),
