@@ -20,7 +20,7 @@ from torch import Tensor
 from slm_cli import flops
 from slm_cli.model.gpt import GPTConfig
 from slm_cli.selection.base import Selection
-from slm_cli.selection.instances import score_positions
+from slm_cli.selection.instances import exit_positions
 from slm_cli.selection.scope import Scope
 from slm_cli.target.base import Target
 
@@ -126,9 +126,9 @@ def step_cost(cfg: GPTConfig, selection: Selection, target: Target | None, scope
     early exit on every drawn window; extra forwards (an online reference, a teacher) run on the
     tokens run forward."""
     early_exit = 0.0
-    if selection.exit_layer is not None:
-        per_window = flops.early_exit_flops_per_window(
-            cfg, selection.exit_layer, len(score_positions(cfg.block_size, getattr(selection, "score_positions", None))))
+    positions = exit_positions(selection, cfg.block_size)
+    if positions is not None:
+        per_window = flops.early_exit_flops_per_window(cfg, selection.exit_layer, len(positions))
         early_exit = tokens // cfg.block_size * per_window
     extra = selection.extra_forward_flops(forward_tokens)
     if target is not None:

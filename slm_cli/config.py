@@ -110,6 +110,9 @@ def check_trainer(trainer: DictConfig) -> None:
     for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "limit_val_batches",
                 "log_every_n_steps", "checkpoint_every_n_steps", "devices", "num_nodes"):
         positive_int(trainer, "trainer", key, f"pass a positive integer for trainer.{key}")
+    start = trainer.selection_start_step
+    _check(is_int(start) and start >= 0, "trainer.selection_start_step", start, "must be an integer >= 0",
+           "e.g. trainer.selection_start_step=100 (0: select from the first step)")
     _check(isinstance(trainer.compile, bool), "trainer.compile", trainer.compile, "must be true or false",
            "e.g. trainer.compile=true")
     _check(isinstance(trainer.export_at_end, bool), "trainer.export_at_end", trainer.export_at_end,

@@ -42,7 +42,8 @@ from slm_cli.budget import Budget
 from slm_cli.errors import SlmError
 from slm_cli.model.gpt import GPTConfig
 from slm_cli.selection.base import Selection, keep_count
-from slm_cli.selection.scope import Scope, build_scope
+from slm_cli.selection.clm import CLM
+from slm_cli.selection.scope import MicroBatch, Scope, build_scope
 from slm_cli.target.base import Target
 from slm_cli.text import duration
 
@@ -135,37 +136,55 @@ def step_counts(selection: Selection, scope: Scope, gpt: GPTConfig, budget: Budg
     return budget.tokens_per_step, forward * micro_batches, scope.selected_per_step(forward, micro_batches, keep)
 
 
+def step_figures(cfg: DictConfig, gpt: GPTConfig, budget: Budget, selection: Selection, scope_name: str,
+                 target: Target, keep: float) -> dict[str, Any]:
+    """One step's tokens and FLOPs with ``selection`` at keep fraction ``keep``."""
+    scope = build_scope(scope_name, selection, budget.accumulate)
+    tokens, forward, selected = step_counts(selection, scope, gpt, budget, keep)
+    step = step_cost(gpt, selection, target, scope, keep_probs=bool(cfg.loss.keep_probs), tokens=tokens,
+                     forward_tokens=forward, selected=selected)
+    return {"keep_fraction": keep, "forward_tokens_per_step": forward, "selected_tokens_per_step": selected,
+            "flops_per_step_realized": step.realized, "flops_per_step_nominal": step.nominal,
+            "flops_per_step_clm": step.clm, "scoring_pass": scope.scoring_pass(), "selection_scope": scope.name}
+
+
+def totals(per_step: dict[str, Any], warm: dict[str, Any], warm_steps: int, steps: int) -> dict[str, float]:
+    """A run's tokens and FLOPs: ``warm_steps`` CLM steps (trainer.selection_start_step), then the strategy's."""
+    out = {}
+    for kind in ("forward_tokens", "selected_tokens"):
+        out[kind] = warm[f"{kind}_per_step"] * warm_steps + per_step[f"{kind}_per_step"] * (steps - warm_steps)
+    for kind in ("realized", "nominal", "clm"):
+        key = f"flops_per_step_{kind}"
+        out[f"flops_{kind}"] = warm[key] * warm_steps + per_step[key] * (steps - warm_steps)
+    out["flops_saved_frac_realized"] = flops.saved_frac(out["flops_realized"], out["flops_clm"])
+    out["flops_saved_frac_nominal"] = flops.saved_frac(out["flops_nominal"], out["flops_clm"])
+    return out
+
+
 def make(cfg: DictConfig, gpt: GPTConfig, budget: Budget, selection: Selection, target: Target) -> dict[str, Any]:
-    """The plan of a run: a flat dict of figures (what `dry_run=true` prints and `plan_out=` writes)."""
+    """The plan of a run: a flat dict of figures (what `dry_run=true` prints and `plan_out=` writes).
+    Per-step figures are the strategy's; totals include a warm start's CLM steps."""
     from slm_cli.model.gpt import GPT
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation
         params = GPT(gpt).num_params(exclude_position_embeddings=False)
     selection.configure(gpt)
-    scope = build_scope(cfg.trainer.selection_scope, selection, budget.accumulate)
-    keeps = selection.plan_keep_fractions()
-    at = {}
-    for label, keep in keeps.items():
-        tokens, forward, selected = step_counts(selection, scope, gpt, budget, keep)
-        step = step_cost(gpt, selection, target, scope, keep_probs=bool(cfg.loss.keep_probs), tokens=tokens,
-                         forward_tokens=forward, selected=selected)
-        at[label] = {"keep_fraction": keep, "forward_tokens_per_step": forward, "selected_tokens_per_step": selected,
-                     "flops_per_step_realized": step.realized, "flops_per_step_nominal": step.nominal,
-                     "flops_per_step_clm": step.clm}
-    head = at[next(iter(keeps))]  # the headline: the first of the strategy's plan fractions
     steps = budget.max_steps
+    warm_steps = min(int(cfg.trainer.selection_start_step), steps)
+    warm = step_figures(cfg, gpt, budget, CLM(), MicroBatch.name, target, 1.0)  # the module's warm-up phase
+    at = {label: step_figures(cfg, gpt, budget, selection, cfg.trainer.selection_scope, target, keep)
+          for label, keep in selection.plan_keep_fractions().items()}
+    head = next(iter(at.values()))  # the headline: the first of the strategy's plan fractions
     mem = memory(gpt, params, budget, cfg, selection.window_keep_fraction())
     return {
         "params": params, "block_size": gpt.block_size, "vocab_size": gpt.vocab_size,
         "micro_batch": budget.micro_batch, "accumulate": budget.accumulate, "world_size": budget.world_size,
         "global_batch": budget.global_batch, "tokens_per_step": budget.tokens_per_step, "steps": steps,
-        "total_tokens": budget.total_tokens, "selection": selection.name, "selection_scope": scope.name,
-        "scoring_pass": scope.scoring_pass(), "window_keep_fraction": selection.window_keep_fraction(), **head,
-        "flops_realized": head["flops_per_step_realized"] * steps, "flops_nominal": head["flops_per_step_nominal"] * steps,
-        "flops_clm": head["flops_per_step_clm"] * steps,
-        "flops_saved_frac_realized": flops.saved_frac(head["flops_per_step_realized"], head["flops_per_step_clm"]),
-        "flops_saved_frac_nominal": flops.saved_frac(head["flops_per_step_nominal"], head["flops_per_step_clm"]),
-        "plan_at": at if len(at) > 1 else {}, "memory": mem, "memory_total": sum(mem.values()),
+        "total_tokens": budget.total_tokens, "selection": selection.name, "selection_start_step": warm_steps,
+        "window_keep_fraction": selection.window_keep_fraction(), **head, **totals(head, warm, warm_steps, steps),
+        "plan_at": {label: {**fig, **totals(fig, warm, warm_steps, steps)} for label, fig in at.items()}
+        if len(at) > 1 else {},
+        "memory": mem, "memory_total": sum(mem.values()),
     }
 
 
@@ -202,10 +221,12 @@ def describe(plan: dict[str, Any], cfg: DictConfig) -> str:
         f"({_saved(plan['flops_saved_frac_nominal'])}); per step {plan['flops_per_step_realized']:.3e} realised"
         + ("; with a scoring pass per step (global_batch scope)" if plan["scoring_pass"] else ""),
     ]
+    if plan["selection_start_step"]:
+        lines.append(f"            (CLM for the first {plan['selection_start_step']:,} steps: "
+                     "trainer.selection_start_step)")
     for label, fig in plan["plan_at"].items():
-        saved = flops.saved_frac(fig["flops_per_step_realized"], fig["flops_per_step_clm"])
-        lines.append(f"  at {label:<8} keep {fig['keep_fraction']:.0%}: realised {fig['flops_per_step_realized'] * plan['steps']:.3e} "
-                     f"({_saved(saved)} CLM)")
+        lines.append(f"  at {label:<8} keep {fig['keep_fraction']:.0%}: realised {fig['flops_realized']:.3e} "
+                     f"({_saved(fig['flops_saved_frac_realized'])} CLM)")
     lines.append("memory      per device " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in m.items())
                  + f" = {plan['memory_total'] / GIB:.2f} GiB")
     rate = cpu_flops_rate()

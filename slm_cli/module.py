@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,29 @@ from slm_cli.loss import Workspace, model_token_stats, perplexity, token_stats, 
 from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.selection import instances
 from slm_cli.selection.base import Selection
-from slm_cli.selection.scope import Devices, build_scope
+from slm_cli.selection.clm import CLM
+from slm_cli.selection.scope import Devices, MicroBatch, Scope, build_scope
 from slm_cli.target.base import Target
 from slm_cli.target.onehot import OneHot
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class Phase:
+    """What selects during a step: the strategy, its scope, and the positions its early exit reads
+    (None without instance selection)."""
+
+    selection: Selection
+    scope: Scope
+    positions: Tensor | None
+
+    @classmethod
+    def of(cls, selection: Selection, scope: str, accumulate: int, model: GPTConfig) -> Phase:
+        return cls(selection, build_scope(scope, selection, accumulate),
+                   instances.exit_positions(selection, model.block_size))
 
 
 class SLMModule(L.LightningModule):
@@ -48,6 +64,7 @@ class SLMModule(L.LightningModule):
         *,
         target: Target | None = None,
         scope: str = "micro_batch",
+        selection_start_step: int = 0,
         max_steps: int,
         accumulate_grad_batches: int = 1,
         chunk_size: int = 1024,
@@ -64,14 +81,15 @@ class SLMModule(L.LightningModule):
         self.selection = selection
         selection.configure(model)
         self.target = target or OneHot()
-        self.scope = build_scope(scope, selection, accumulate_grad_batches)
+        # A warm start trains every token (CLM) before trainer.selection_start_step, the strategy after.
+        self.selection_start_step = selection_start_step
+        self.phases = {"warm_up": Phase.of(CLM(), MicroBatch.name, accumulate_grad_batches, model),
+                       "selection": Phase.of(selection, scope, accumulate_grad_batches, model)}
+        self.phase = self.phases["selection"]
         self.max_steps = max_steps
         self.accumulate = accumulate_grad_batches
         self.chunk_size = chunk_size
         self.keep_probs = keep_probs
-        # Instance selection reads the early exit at these positions of every window.
-        self.score_positions = (instances.score_positions(model.block_size, getattr(selection, "score_positions", None))
-                                if selection.exit_layer is not None else None)
         # The head's blocks (the kept softmax, the chunk logits) are reused from step to step.
         self.workspace = Workspace()
         self.compile = compile
@@ -104,15 +122,16 @@ class SLMModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         t0 = time.perf_counter()
         devices = self._devices()
+        self.phase = self.phases["warm_up" if self.global_step < self.selection_start_step else "selection"]
         micro = [dict(zip(batch, parts, strict=True))
                  for parts in zip(*(v.chunk(self.accumulate) for v in batch.values()), strict=True)]
-        self.scope.start_step(self.model, micro, devices, self.chunk_size)
+        self.phase.scope.start_step(self.model, micro, devices, self.chunk_size)
         results = []
         for k, mb in enumerate(micro):
             with distributed.gradient_sync(self.trainer, self.model, enabled=k == len(micro) - 1):
                 results.append(self.forward_backward(mb, k, devices))
         # Adaptive state (Ada-ESLM's α) follows the whole global batch, the same on every device.
-        adapted = self.selection.update(self.scope.step_features([r.features for r in results], devices))
+        adapted = self.phase.selection.update(self.phase.scope.step_features([r.features for r in results], devices))
         grad_norm, lr = self.optimizer_step(torch.stack([r.loss for r in results]).sum())
         self.account(results, grad_norm, lr, adapted)
         self.train_seconds += time.perf_counter() - t0
@@ -122,10 +141,11 @@ class SLMModule(L.LightningModule):
         the head selects tokens and builds the weighted loss; then the backward."""
         drawn = batch["labels"].numel()
         window_metrics: dict[str, float] = {}
-        if self.score_positions is not None:
-            features = instances.window_features(self.model, batch, self.selection, self.score_positions,
-                                                 chunk_size=self.chunk_size, workspace=self.workspace)
-            kept = self.selection.select_windows(features)
+        selection, positions = self.phase.selection, self.phase.positions
+        if positions is not None:
+            features = instances.window_features(self.model, batch, selection, positions, chunk_size=self.chunk_size,
+                                                 workspace=self.workspace)
+            kept = selection.select_windows(features)
             batch, window_metrics = instances.keep_windows(batch, kept), kept.metrics
         head = functools.partial(self.selective_loss, batch=batch, index=index, devices=devices)
         loss, result = self.model(batch["input_ids"], head=head)
@@ -141,11 +161,12 @@ class SLMModule(L.LightningModule):
         scope's selection, and the loss weighted on the selected tokens."""
         h = hidden.reshape(-1, hidden.shape[-1])
         y = batch["labels"].reshape(-1)
+        selection, scope = self.phase.selection, self.phase.scope
         stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
-                            entropy=self.selection.needs_entropy, keep_probs=self.keep_probs, workspace=self.workspace)
+                            entropy=selection.needs_entropy, keep_probs=self.keep_probs, workspace=self.workspace)
         token_loss = stats.loss  # read before weighted_loss, which takes over the kept softmax
-        features = self.selection.features(stats, batch)
-        choice = self.scope.choose(index, features, devices)
+        features = selection.features(stats, batch)
+        choice = scope.choose(index, features, devices)
         weights = choice.mask.to(torch.float32) * choice.scale
         loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
                              chunk_size=self.chunk_size, workspace=self.workspace)
@@ -174,11 +195,12 @@ class SLMModule(L.LightningModule):
         not one device), and the step's logs."""
         world = self.trainer.world_size
         counts = step_counts(results, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world)
-        step = step_cost(self.model_config, self.selection, self.target, self.scope, keep_probs=self.keep_probs,
-                         tokens=counts.tokens, forward_tokens=counts.forward_tokens, selected=counts.selected)
+        step = step_cost(self.model_config, self.phase.selection, self.target, self.phase.scope,
+                         keep_probs=self.keep_probs, tokens=counts.tokens, forward_tokens=counts.forward_tokens,
+                         selected=counts.selected)
         self.flops_per_batch = step.realized / world
         self.counters.add(counts, step)
-        metrics = step_metrics(counts, self.counters, grad_norm, lr, adapted, windows=self.score_positions is not None)
+        metrics = step_metrics(counts, self.counters, grad_norm, lr, adapted, windows=self.phase.positions is not None)
         self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=counts.tokens)
         self.log("train/loss", counts.loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=counts.tokens)
         self.tokens_this_run += counts.tokens

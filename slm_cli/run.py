@@ -136,7 +136,8 @@ def setup(
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = SLMModule(
-        gpt, cfg.optim, selection, target=target, scope=cfg.trainer.selection_scope, max_steps=cfg.trainer.max_steps,
+        gpt, cfg.optim, selection, target=target, scope=cfg.trainer.selection_scope,
+        selection_start_step=cfg.trainer.selection_start_step, max_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, chunk_size=cfg.loss.chunk_size,
         keep_probs=cfg.loss.keep_probs, compile=cfg.trainer.compile, tokenizer_json=prepared.tokenizer_path.read_text(),
         run_config=OmegaConf.to_container(cfg, resolve=True),

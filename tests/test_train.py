@@ -103,6 +103,8 @@ STRATEGIES = {
     "ada_eslm": ["selection=ada_eslm"],
     "rho1_online": ["selection=rho1", "selection.reference.mode=online"],
     "hier_eslm": ["selection=hier_eslm", "selection.score_positions=8"],
+    # a warm start: CLM for 15 steps, then ESLM; the resume at step 10 crosses the start step
+    "eslm_warm_start": ["selection=eslm", "trainer.selection_start_step=15"],
 }
 
 
@@ -125,6 +127,8 @@ def test_resume_is_exact(strategy: str, run: Path, tiny_data: Path, tmp_path: Pa
     a = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
     assert a["slm"]["selection"] == b["slm"]["selection"]
+    if strategy == "eslm_warm_start":  # every token for 15 steps, then ⌈0.6·M⌉ of the M = 4·32 per step
+        assert whole["selected_tokens"] == 15 * 128 + 5 * math.ceil(0.6 * 128)
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6)
 

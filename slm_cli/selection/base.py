@@ -68,6 +68,7 @@ class Selection:
     # Instance-level selection: blocks the early exit runs to score each window (None: no
     # instance selection; every window of the batch is trained on).
     exit_layer: int | None = None
+    score_positions: int | None = None  # positions per window the early exit reads (None: all)
 
     def features(self, stats: TokenStats | None, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Flat (M,) tensors of one micro-batch that :meth:`select` reads. `stats` is flat

@@ -37,6 +37,11 @@ def score_positions(block_size: int, count: int | None) -> Tensor:
     return ((torch.arange(count, dtype=torch.float64) + 0.5) * block_size / count).floor().long()
 
 
+def exit_positions(selection: Selection, block_size: int) -> Tensor | None:
+    """The positions the strategy's early exit reads in every window; None without instance selection."""
+    return None if selection.exit_layer is None else score_positions(block_size, selection.score_positions)
+
+
 @torch.no_grad()
 def window_features(model: nn.Module, batch: Mapping[str, Tensor], selection: Selection, positions: Tensor, *,
                     chunk_size: int, workspace: Workspace | None = None) -> dict[str, Tensor]:
