@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from slm_cli import estimate, flops
 from slm_cli.budget import Budget, resolve_hardware
 from slm_cli.budget import apply as apply_budget
-from slm_cli.config import build, check_train
+from slm_cli.config import build, check_train, positive_int_or_null
 from slm_cli.data.module import SLMDataModule
 from slm_cli.data.prepare import prepare
 from slm_cli.data.prepared import PreparedData
@@ -153,10 +153,22 @@ def setup(
         prepared, block_size=gpt.block_size, batch_size=cfg.data.batch_size, seed=cfg.seed,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, num_workers=cfg.data.num_workers,
         val_batches=cfg.trainer.limit_val_batches, token_arrays=token_arrays,
-        window_grid=selection.window_grid(gpt.block_size),
+        window_grid=window_grid(selection, cfg.data.get("window_grid"), gpt.block_size),
     )
     trainer = build_trainer(cfg, run_dir, resume_step=resume_step)
     return trainer, module, datamodule, selection, prepared
+
+
+def window_grid(selection: Selection, configured: int | None, block_size: int) -> int | None:
+    """Where training windows may start: the strategy's grid (RHO-1's precomputed scores), else
+    data.window_grid (the same grid for a baseline), else anywhere."""
+    required = selection.window_grid(block_size)
+    if configured is not None:
+        configured = positive_int_or_null("data.window_grid", configured, example=block_size)
+        if required is not None and configured != required:
+            raise SlmError(f"data.window_grid={configured} but selection={selection.name} trains on the grid of its "
+                           f"scores ({required} tokens): set data.window_grid={required} or null")
+    return required or configured
 
 
 def check_target_memory(target: Target, rows: int, limit_mb: int) -> None:

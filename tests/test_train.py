@@ -189,3 +189,25 @@ def test_resuming_with_another_strategy(first: str, then: str, tiny_data: Path, 
     if then == "ada_eslm":  # started at its configured alpha 0.5, then adapted for 2 steps
         assert ckpt["slm"]["selection"]["state"]["alpha"] != 0.5
     assert ckpt["slm"]["selection"]["name"] == then
+
+
+def test_a_baseline_trains_on_the_grid_rho1_uses(tiny_data: Path) -> None:
+    """data.window_grid puts CLM's (or random's) windows where RHO-1's precomputed scores put RHO-1's:
+    starts on multiples of the grid; a strategy with a grid of its own refuses another one."""
+    from slm_cli.data.prepared import load_prepared
+    from slm_cli.data.windows import TrainWindows
+    from slm_cli.errors import SlmError
+    from slm_cli.run import window_grid
+    from slm_cli.selection.clm import CLM
+
+    class Gridded(CLM):
+        def window_grid(self, block_size: int) -> int:
+            return 64
+
+    assert window_grid(CLM(), None, 32) is None and window_grid(CLM(), 32, 32) == 32
+    assert window_grid(Gridded(), None, 32) == window_grid(Gridded(), 64, 32) == 64
+    with pytest.raises(SlmError, match="data.window_grid=32 but selection=clm trains on the grid of its scores"):
+        window_grid(Gridded(), 32, 32)
+    tokens = load_prepared(tiny_data / "tiny").tokens("train")
+    starts = TrainWindows(tokens, 32, seed=3, grid=window_grid(CLM(), 32, 32))[np.arange(64)]["positions"][:, 0] - 1
+    assert (starts % 32 == 0).all() and len(set(starts.tolist())) > 32  # on the grid, and spread over it
