@@ -28,7 +28,7 @@ from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.reference.models import SlmReference, load
 from slm_cli.reference.scores import default_name, load_scores, score_stream
 from slm_cli.selection.rho1 import Rho1
-from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm, train
+from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, select_as_training, slm, train
 from tests.test_errors import fails
 from tests.test_flops import counted_flops
 
@@ -113,7 +113,8 @@ def batch_of(ref_loss: torch.Tensor, ref_entropy: torch.Tensor | None = None) ->
 def test_rho1_keeps_the_top_k_by_score(ratio: float, score: str) -> None:
     g = torch.Generator().manual_seed(0)
     loss, ref_loss, ref_entropy = (torch.rand(60, generator=g) * 8 for _ in range(3))
-    selected = Rho1(ratio=ratio, score=score).select_step(TokenStats(loss=loss, lse=loss), batch_of(ref_loss, ref_entropy))
+    selected = select_as_training(Rho1(ratio=ratio, score=score), TokenStats(loss=loss, lse=loss),
+                                  batch_of(ref_loss, ref_entropy))
     value = {"excess": loss - ref_loss, "reference_loss": -ref_loss, "reference_entropy": -ref_entropy}[score].tolist()
     k = math.ceil(ratio * 60)
     expected = sorted(range(60), key=lambda j: -value[j])[:k]
@@ -199,7 +200,7 @@ def test_excess_loss_selects_clean_tokens() -> None:
             with torch.no_grad():
                 stats = model(batch["input_ids"], head=lambda h, w, y=batch["labels"]: token_stats(
                     h.flatten(0, 1), w, y.flatten(), keep_probs=False))
-            mask = rho1.select_step(stats, batch).mask
+            mask = select_as_training(rho1, stats, batch).mask
             kept += int(mask.sum())
             kept_noise += int(is_noise[batch["positions"].flatten()[mask].numpy()].sum())
         assert kept == 8 * math.ceil(ratio * 16 * BLOCK - 1e-9)
@@ -521,7 +522,7 @@ def test_excess_is_not_reference_loss() -> None:
         for step in range(6):
             batch = windows[np.arange(step * 16, (step + 1) * 16)]
             stats = TokenStats(loss=_model_loss(model, batch), lse=torch.zeros(16 * BLOCK))
-            mask = rho1.select_step(stats, batch).mask
+            mask = select_as_training(rho1, stats, batch).mask
             kept += int(mask.sum())
             kept_b += int((kind[batch["positions"].flatten()[mask].numpy()] == 3).sum())
         share_b[score] = kept_b / kept

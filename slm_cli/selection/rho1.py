@@ -129,7 +129,7 @@ class Rho1(Selection):
     def features(self, stats: TokenStats | None, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         # The reference runs (online) or is read (precomputed) where the micro-batch is; only
         # these flat values travel when the selection is global.
-        ref_loss, ref_entropy = self._reference_stats(batch, batch["input_ids"].device)
+        ref_loss, ref_entropy = self._reference_stats(batch, (stats.loss if stats is not None else batch["input_ids"]).device)
         feats = {"ref_loss": ref_loss}
         if stats is not None:
             feats["loss"] = stats.loss
