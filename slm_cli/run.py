@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from slm_cli import estimate
 from slm_cli.budget import Budget, resolve_hardware
 from slm_cli.budget import apply as apply_budget
-from slm_cli.config import check_train
+from slm_cli.config import build, check_train
 from slm_cli.data.module import SLMDataModule
 from slm_cli.data.prepare import prepare
 from slm_cli.data.prepared import PreparedData
@@ -75,18 +75,6 @@ def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, p
                        f"prepare the data with data.tokenizer={path}")
 
 
-def build(component_cfg: DictConfig) -> Any:
-    """A strategy or target named by its YAML's `_target_`; its constructor checks its own values."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(component_cfg)
-    except InstantiationException as exc:  # Hydra wraps the constructor's error; report that one
-        if isinstance(exc.__cause__, SlmError):
-            raise exc.__cause__ from None
-        raise
-
-
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     """ckpt_path, or else this run dir's own last.ckpt: a run dir that already holds one belongs
     to a job that was interrupted and restarted (a requeued SLURM job keeps its run dir), so it
@@ -113,7 +101,9 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
     budget = resolve_config(cfg)
     vocab, source = estimate.vocab_size(cfg)
     gpt = gpt_config(cfg, vocab)
-    figures = estimate.make(cfg, gpt, budget)
+    # The strategy and target as training builds them: what they keep, and any model they run
+    # (an online reference, a KD teacher), is counted from them.
+    figures = estimate.make(cfg, gpt, budget, build(cfg.selection), build(cfg.target))
     print(f"plan (vocabulary from {source}):\n{estimate.describe(figures, cfg)}")
     capacity, what = estimate.device_memory(cfg.trainer.accelerator)
     verdict = "fits" if figures["memory_total"] <= capacity else "does NOT fit"
@@ -129,8 +119,11 @@ def setup(
 ) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
     budget = resolve_config(cfg)
+    selection: Selection = build(cfg.selection)
+    target: Target = build(cfg.target)
     # Memory first, from the configured vocabulary: a run that cannot fit stops before preparing data.
-    estimate.check_fits(estimate.make(cfg, gpt_config(cfg, estimate.vocab_size(cfg)[0]), budget), cfg)
+    gpt = gpt_config(cfg, estimate.vocab_size(cfg)[0])
+    estimate.check_fits(estimate.make(cfg, gpt, budget, selection, target), cfg)
     resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
@@ -143,11 +136,8 @@ def setup(
     del resume
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    # selection.scope belongs to the training loop, not to the strategy (docs/scaling.md).
-    selection: Selection = build(OmegaConf.masked_copy(cfg.selection, [k for k in cfg.selection if k != "scope"]))
-    target: Target = build(cfg.target)
     module = SLMModule(
-        gpt, cfg.optim, selection, target=target, scope=cfg.selection.scope, max_steps=cfg.trainer.max_steps,
+        gpt, cfg.optim, selection, target=target, scope=cfg.trainer.selection_scope, max_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, chunk_size=cfg.loss.chunk_size,
         keep_probs=cfg.loss.keep_probs, compile=cfg.trainer.compile, tokenizer_json=prepared.tokenizer_path.read_text(),
         run_config=OmegaConf.to_container(cfg, resolve=True),
@@ -207,7 +197,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer.save_checkpoint(last, weights_only=False)  # the full state, so the run can be extended
 
     summary = RunSummary.from_run(
-        module.counters, selection.scoring_flops(), steps=trainer.global_step, val_loss=module.val_loss,
+        module.counters.state_dict(), selection.scoring_flops(), steps=trainer.global_step, val_loss=module.val_loss,
         val_ppl=perplexity(module.val_loss), val_sources=module.val_source_losses,
         train_tokens_per_s=module.tokens_this_run / module.train_seconds if module.train_seconds else 0.0,
         wall_s=time.perf_counter() - t_start, selection=selection.name, target=module.target.name,

@@ -47,7 +47,10 @@ class RunSummary:
     """What a finished run reports; None where a summary read back lacks the figure."""
 
     steps: int | None = number("optimizer steps completed", "steps")
-    train_tokens: int | None = number("tokens seen by training", "tokens")
+    train_tokens: int | None = number("tokens drawn from the corpus by training", "tokens")
+    forward_tokens: int | None = number(
+        "tokens run through the full forward and backward: fewer than drawn only with instance-level selection",
+        "tokens")
     selected_tokens: int | None = number("tokens trained on (the loss was back-propagated through them)", "tokens")
     val_loss: float | None = number("final validation loss over all tokens of the validation windows", "nats per token")
     val_ppl: float | None = number("exp(val_loss)", "")
@@ -78,14 +81,15 @@ class RunSummary:
 
     @classmethod
     def from_run(cls, counters: Mapping[str, float], scoring_flops: float, **figures: Any) -> RunSummary:
-        """The summary of a run from its counters (train_tokens, selected_tokens, flops_realized,
-        flops_nominal, flops_clm: the training module's, summed over ranks), RHO-1's offline
-        scoring FLOPs, and every other figure by name."""
+        """The summary of a run from its counters (train_tokens, forward_tokens, selected_tokens,
+        flops_realized, flops_nominal, flops_clm: slm_cli/accounting.py's, summed over ranks),
+        RHO-1's offline scoring FLOPs, and every other figure by name."""
         from slm_cli.flops import saved_frac
 
         clm = counters["flops_clm"]
         return cls(
-            train_tokens=int(counters["train_tokens"]), selected_tokens=int(counters["selected_tokens"]),
+            train_tokens=int(counters["train_tokens"]), forward_tokens=int(counters["forward_tokens"]),
+            selected_tokens=int(counters["selected_tokens"]),
             flops_realized=counters["flops_realized"], flops_nominal=counters["flops_nominal"], flops_clm=clm,
             flops_saved_frac_realized=saved_frac(counters["flops_realized"], clm),
             flops_saved_frac_nominal=saved_frac(counters["flops_nominal"], clm),
@@ -133,6 +137,8 @@ def _typed(value: Any, kind: str) -> Any:
 def _derived(values: dict[str, Any]) -> dict[str, Any]:
     """Figures an older or hand-written summary lacks, from those it has. (flops and loss import
     torch: only when a figure is missing, so that reading a summary stays light.)"""
+    if values["forward_tokens"] is None:  # runs before instance-level selection ran every token drawn
+        values["forward_tokens"] = values["train_tokens"]
     clm = values["flops_clm"]
     for accounting in ("realized", "nominal"):
         flops, frac = f"flops_{accounting}", f"flops_saved_frac_{accounting}"

@@ -61,6 +61,20 @@ def float64_token_stats(ckpt_path: Path, input_ids, labels):  # type: ignore[no-
     return loss.reshape(shape).numpy(), entropy.reshape(shape).numpy()
 
 
+def select_as_training(strategy, stats, batch, accumulate: int = 1):  # type: ignore[no-untyped-def]
+    """One micro-batch's selection made as the training step makes it on one device
+    (slm_cli/selection/scope.py, the default micro_batch scope), then the step's update of an
+    adaptive strategy: a Selected with the mask and every logged metric."""
+    from slm_cli.selection.base import Selected
+    from slm_cli.selection.scope import ONE_DEVICE, build_scope
+
+    scope = build_scope("micro_batch", strategy, accumulate)
+    features = strategy.features(stats, batch)
+    choice = scope.choose(0, features, ONE_DEVICE)
+    adapted = strategy.update(scope.step_features([features], ONE_DEVICE))
+    return Selected(mask=choice.mask, metrics={**choice.metrics, **adapted})
+
+
 # summary.json keys as runs wrote them before the FLOPs figures were renamed (today's -> earlier).
 EARLIER_KEYS = {"flops_realized": "flops_total", "flops_clm": "flops_clm_equivalent",
                 "flops_saved_frac_nominal": "flops_saved_frac"}

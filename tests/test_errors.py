@@ -49,7 +49,10 @@ def bad_train(tmp_path: Path, data_dir: Path, *overrides: str):
         (["model.vocab_size=100"], ["model.vocab_size=100", "tokenizer"]),
         (["data.val_fraction=1.5"], ["data.val_fraction"]),
         (["data=text", "data.path=/does/not/exist"], ["/does/not/exist", "data.path"]),
-        (["selection.scope=everywhere"], ["selection.scope=everywhere", "global, local"]),
+        (["trainer.selection_scope=everywhere"], ["trainer.selection_scope=everywhere", "micro_batch, global_batch"]),
+        (["selection=hier_eslm", "trainer.selection_scope=global_batch"],
+         ["selection=hier_eslm keeps windows per micro-batch", "trainer.selection_scope=micro_batch"]),
+        (["selection=hier_eslm", "selection.exit_layer=9"], ["selection.exit_layer=9 exceeds model.n_layer=2"]),
         (["trainer.compile=maybe"], ["trainer.compile=maybe", "true or false"]),
         # GPU-only settings on this CPU-only machine: one line, before any work
         pytest.param(["trainer=gpu"], ["trainer.accelerator=gpu", "no CUDA GPU", "trainer=cpu"],

@@ -417,7 +417,7 @@ def test_slm_score_with_a_hf_reference(hf_reference: Path, tmp_path: Path) -> No
            f"ckpt_path={hf_reference}", "name='gpt2 tiny!'", "stride=8", cwd=tmp_path))
     # Prepared with the reference's tokenizer.json, in a folder of its own.
     (data,) = (tmp_path / "data").glob("corpus.tok-*")
-    folder = data / "ref-gpt2-tiny"
+    folder = data / "ref-gpt2_tiny"
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["context"], meta["stride"]) == (BLOCK, 8) and "Hugging Face gpt2" in meta["reference_describe"]
     prepared = load_prepared(data)
@@ -484,6 +484,9 @@ def test_training_refuses_scores_from_other_contexts(scored: Path) -> None:
     rho1.token_arrays(prepared)
     with pytest.raises(SlmError, match=f"model.block_size={2 * BLOCK} is longer .*context={2 * BLOCK}"):
         rho1.window_grid(2 * BLOCK)
+    # A shorter training window would never train the labels past it in each scored window.
+    with pytest.raises(SlmError, match=f"model.block_size={BLOCK // 2} is shorter .*context={BLOCK // 2}"):
+        rho1.window_grid(BLOCK // 2)
     rho1.scores_meta = {**rho1.scores_meta, "stride": BLOCK // 2}
     with pytest.raises(SlmError, match=f"sliding windows .*stride={BLOCK}` \\(a grid"):
         rho1.window_grid(BLOCK)

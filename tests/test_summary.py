@@ -15,7 +15,7 @@ from slm_cli.summary import RunSummary, read
 from tests.helpers import earlier_summary
 
 ROOT = Path(__file__).resolve().parents[1]
-COUNTERS = {"train_tokens": 4096.0, "selected_tokens": 2458.0, "flops_realized": 9.0e9, "flops_nominal": 7.5e9,
+COUNTERS = {"train_tokens": 4096.0, "forward_tokens": 3072.0, "selected_tokens": 2458.0, "flops_realized": 9.0e9, "flops_nominal": 7.5e9,
             "flops_clm": 1.0e10}
 
 
@@ -28,7 +28,8 @@ def full() -> RunSummary:
 
 def test_from_run_derives_the_saved_fractions() -> None:
     s = full()
-    assert (s.train_tokens, s.selected_tokens) == (4096, 2458) and isinstance(s.train_tokens, int)
+    assert (s.train_tokens, s.forward_tokens, s.selected_tokens) == (4096, 3072, 2458)
+    assert isinstance(s.train_tokens, int) and isinstance(s.forward_tokens, int)
     assert s.flops_saved_frac_realized == pytest.approx(1 - 9.0e9 / 1.0e10)
     assert s.flops_saved_frac_nominal == pytest.approx(1 - 7.5e9 / 1.0e10)
     assert s.flops_saved_frac_nominal_incl_scoring == pytest.approx(1 - (7.5e9 + 5.0e8) / 1.0e10)
@@ -57,6 +58,7 @@ def test_earlier_keys_read_under_todays() -> None:
     assert s.flops_nominal == pytest.approx(7.5e9, rel=1e-12)  # clm × (1 − nominal saved fraction)
     assert s.flops_saved_frac_realized == pytest.approx(0.1, rel=1e-12)
     assert s.val_sources is None and s.target is None  # not in the oldest summaries: absent, not guessed
+    assert s.forward_tokens == s.train_tokens == 4096  # every token drawn ran forward before instance selection
     # today's key wins over an earlier one
     assert RunSummary.from_dict({**old, "flops_realized": 8.0e9}).flops_realized == 8.0e9
 

@@ -107,6 +107,7 @@ STRATEGIES = {
     "eslm_entropy": ["selection=eslm", "selection.score=entropy", "selection.alpha=0.5"],
     "ada_eslm": ["selection=ada_eslm"],
     "rho1_online": ["selection=rho1", "selection.reference.mode=online"],
+    "hier_eslm": ["selection=hier_eslm", "selection.score_positions=8"],
 }
 
 
