@@ -37,7 +37,8 @@ from benchmarks import (  # noqa: E402
     step_profile,
     target_step,
 )
-from benchmarks.common import REPO_DIR, RESULTS_DIR, BenchError, Benchmark, machine  # noqa: E402
+from benchmarks.common import REPO_DIR, RESULTS_DIR, BenchError, Benchmark  # noqa: E402
+from slm_cli.machine import machine  # noqa: E402
 
 # The registry, in the order `make bench` runs them (all but those named in ON_REQUEST).
 BENCHMARKS: dict[str, Benchmark] = {}

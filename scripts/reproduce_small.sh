@@ -14,7 +14,7 @@
 #            RHO-1 at RATIO, evaluated on held-out clean text (val/wiki/loss). These corpora are the
 #            vendored ones whatever DATA says; sizes, steps, batch and overrides apply.
 #   coconts  CoCoNTs (n-gram soft targets) against CLM at SIZE_A: steps to CLM's loss.
-# Then scripts/results_page.py writes RESULTS (default docs/results.md) from the reports.
+# Then `python -m slm_cli.report.results` writes the reports and RESULTS (default docs/results.md).
 #
 # Settings (environment variables; the defaults fit a 2-core CPU in about 70 minutes):
 #   STEPS=200  SEEDS="1 2 3"  SWEEP_SEEDS="1"  KEEPS="0.2 0.4 0.8"  KEEP=0.6  RATIO=0.6
@@ -203,14 +203,7 @@ else
 fi
 echo "runs done in $(( ($(date +%s) - start) / 60 )) min"
 
-report() {  # report NAME DIR...: one `slm report` of the runs under the DIRs
-  local name=$1; shift
-  "${slm[@]}" report "runs=[$(join "$@")]" "out=$root/reports/$name" "paths.log_dir=$root/outputs" > /dev/null
-}
-report methods_a "$root/methods/a"
-report methods_b "$root/methods/b"
-report rho1 "$root/rho1"
-report coconts "$root/coconts" "$root/methods/a/clm"
-"$python" scripts/results_page.py "$root" "$results" --keep "$KEEP" \
+# each part's `slm report` (ROOT/reports/<part>/) and the page, by the package (slm_cli/report/results.py)
+"$python" -m slm_cli.report.results "$root" "$results" --keep "$KEEP" \
   --command "STEPS=$STEPS SEEDS=\"$SEEDS\" scripts/reproduce_small.sh${extra[*]:+ ${extra[*]}}"
 echo "results: $results (reports in $root/reports)"

@@ -15,7 +15,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from slm_cli import estimate, flops
+from slm_cli import estimate
 from slm_cli.budget import Budget, resolve_hardware
 from slm_cli.budget import apply as apply_budget
 from slm_cli.config import build, check_train, positive_int_or_null
@@ -32,6 +32,7 @@ from slm_cli.model.load import init_weights
 from slm_cli.module import SLMModule
 from slm_cli.outputs import load_checkpoint, write_json
 from slm_cli.selection.base import Selection
+from slm_cli.summary import RunSummary
 from slm_cli.target.base import Target
 from slm_cli.trainer import build_trainer, finish_loggers
 
@@ -208,47 +209,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last, weights_only=False)  # the full state, so the run can be extended
 
-    c = module.counters
-    summary = {
-        "steps": trainer.global_step,
-        "train_tokens": int(c["train_tokens"]),
-        "forward_tokens": int(c["forward_tokens"]),
-        "selected_tokens": int(c["selected_tokens"]),
-        "val_loss": module.val_loss,
-        "val_ppl": perplexity(module.val_loss),
-        # A mixture's validation loss per source (data=mix); {} for one corpus.
-        "val_sources": module.val_source_losses,
-        # One vocabulary with the code and the logs (flops/nominal, flops/realized): nominal is the
-        # papers' accounting, realized what slm executes, clm the same tokens trained densely.
-        "flops_nominal": c["flops_nominal"],
-        "flops_realized": c["flops_realized"],
-        "flops_clm": c["flops_clm"],
-        "flops_saved_frac_nominal": flops.saved_frac(c["flops_nominal"], c["flops_clm"]),
-        "flops_saved_frac_realized": flops.saved_frac(c["flops_realized"], c["flops_clm"]),
-        # RHO-1's offline reference scoring (slm score), spent once over the whole corpus; the
-        # second fraction charges it to this run, so RHO-1 compares with ESLM on one basis.
-        "flops_reference_scoring": selection.scoring_flops(),
-        "flops_saved_frac_nominal_incl_scoring": flops.saved_frac(c["flops_nominal"] + selection.scoring_flops(),
-                                                                  c["flops_clm"]),
-        # Earlier names of the same figures, kept so that existing analysis scripts keep working.
-        "flops_total": c["flops_realized"],
-        "flops_clm_equivalent": c["flops_clm"],
-        "flops_saved_frac": flops.saved_frac(c["flops_nominal"], c["flops_clm"]),
-        "train_tokens_per_s": module.tokens_this_run / module.train_seconds if module.train_seconds else 0.0,
-        "wall_s": time.perf_counter() - t_start,
-        "selection": selection.name,
-        "target": module.target.name,
-        "model": cfg.model.name,
-        "params": module.model.num_params(),
-        "data": str(prepared.dir),
-        "checkpoint": str(last),
-    }
+    summary = RunSummary.from_run(
+        module.counters.state_dict(), selection.scoring_flops(), steps=trainer.global_step, val_loss=module.val_loss,
+        val_ppl=perplexity(module.val_loss), val_sources=module.val_source_losses,
+        train_tokens_per_s=module.tokens_this_run / module.train_seconds if module.train_seconds else 0.0,
+        wall_s=time.perf_counter() - t_start, selection=selection.name, target=module.target.name,
+        model=cfg.model.name, params=module.model.num_params(), data=str(prepared.dir), checkpoint=str(last))
     if trainer.is_global_zero:
-        write_json(run_dir / "summary.json", summary)
+        summary.write(run_dir)
         if cfg.trainer.export_at_end:
             log.info(f"exported the final model to {export(last, run_dir / 'hf', replace=True)}")
-        print(f"run: {run_dir}\nval_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
-              f"steps {summary['steps']}  tokens {summary['train_tokens']}  "
-              f"{summary['train_tokens_per_s']:.0f} tokens/s  wall {summary['wall_s']:.0f}s")
+        print(f"run: {run_dir}\nval_loss {summary.val_loss:.4f}  val_ppl {summary.val_ppl:.2f}  "
+              f"steps {summary.steps}  tokens {summary.train_tokens}  "
+              f"FLOPs saved {summary.flops_saved_frac_realized:.1%} realised "
+              f"({summary.flops_saved_frac_nominal:.1%} nominal)  "
+              f"{summary.train_tokens_per_s:.0f} tokens/s  wall {summary.wall_s:.0f}s")
     finish_loggers(trainer)
-    return summary
+    return summary.to_dict()

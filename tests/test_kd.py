@@ -219,7 +219,7 @@ def test_eslm_kd_end_to_end_counts_the_teacher_and_resumes_exactly(teacher: Path
                     f"ckpt_path={tmp_path}/whole/checkpoints/step0000002.ckpt", *common, cwd=tmp_path)
     assert (whole["selection"], whole["target"]) == ("eslm", "kd")
     assert resumed["steps"] == 4 and abs(resumed["val_loss"] - whole["val_loss"]) < 1e-6
-    for key in ("train_tokens", "selected_tokens", "flops_total", "flops_nominal", "flops_clm_equivalent"):
+    for key in ("train_tokens", "selected_tokens", "flops_realized", "flops_nominal", "flops_clm"):
         assert resumed[key] == whole[key], key
     a = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
@@ -235,5 +235,5 @@ def test_eslm_kd_end_to_end_counts_the_teacher_and_resumes_exactly(teacher: Path
     assert tokens == 4 * 4 * BLOCK and selected == 4 * int(np.ceil(0.6 * 4 * BLOCK))
     student = step_flops(GPTConfig(**a["slm"]["model"]), tokens, selected)  # linear in tokens and selected
     assert whole["flops_nominal"] == pytest.approx(student.nominal + tokens * measured, rel=1e-12)
-    assert whole["flops_total"] == pytest.approx(student.realized + tokens * measured, rel=1e-12)
-    assert whole["flops_clm_equivalent"] == student.clm
+    assert whole["flops_realized"] == pytest.approx(student.realized + tokens * measured, rel=1e-12)
+    assert whole["flops_clm"] == student.clm

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from slm_cli.summary import RunSummary
 from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm, train
 
 
@@ -41,8 +43,11 @@ def test_run_outputs(run: Path) -> None:
     val = [float(r["val/loss"]) for r in rows if r["val/loss"]]
     assert len(val) == 2  # at steps 100 and 200
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("steps", "train_tokens", "selected_tokens", "val_loss", "val_ppl", "flops_total",
-                "flops_clm_equivalent", "flops_saved_frac", "train_tokens_per_s", "wall_s"):
+    # one key per figure of the schema (slm_cli/summary.py), every one filled
+    assert list(summary) == [f.name for f in dataclasses.fields(RunSummary)]
+    assert all(value is not None for value in summary.values())
+    for key in ("steps", "train_tokens", "selected_tokens", "val_loss", "val_ppl", "flops_realized",
+                "flops_clm", "flops_saved_frac_nominal", "train_tokens_per_s", "wall_s"):
         assert key in summary, key
     assert summary["val_loss"] == pytest.approx(val[-1], rel=1e-6)
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-9)
@@ -56,9 +61,9 @@ def test_accounting_matches_analytic_formula(run: Path) -> None:
     assert summary["selected_tokens"] == summary["train_tokens"]  # CLM trains on every token
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     per_token = analytic_flops_per_token(state, n_layer=2, block_size=32, n_embd=64)
-    assert summary["flops_clm_equivalent"] == summary["train_tokens"] * per_token
-    assert summary["flops_total"] == summary["flops_clm_equivalent"]
-    assert summary["flops_saved_frac"] == 0.0 and summary["flops_saved_frac_realized"] == 0.0
+    assert summary["flops_clm"] == summary["train_tokens"] * per_token
+    assert summary["flops_realized"] == summary["flops_clm"]
+    assert summary["flops_saved_frac_nominal"] == 0.0 and summary["flops_saved_frac_realized"] == 0.0
 
 
 def test_model_learns(run: Path) -> None:
@@ -122,7 +127,7 @@ def test_resume_is_exact(strategy: str, run: Path, tiny_data: Path, tmp_path: Pa
                     f"ckpt_path={tmp_path}/half/checkpoints/last.ckpt", *common, cwd=tmp_path)
     assert resumed["steps"] == 20
     assert abs(resumed["val_loss"] - whole["val_loss"]) < 1e-6
-    for key in ("train_tokens", "selected_tokens", "flops_total", "flops_nominal", "flops_clm_equivalent"):
+    for key in ("train_tokens", "selected_tokens", "flops_realized", "flops_nominal", "flops_clm"):
         assert resumed[key] == whole[key], key
     a = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
