@@ -7,7 +7,7 @@ also the one place that knows the earlier names of figures (`EARLIER_NAMES`).
 
 A new figure is one field here (`number`, `text` or `mapping`, with its doc and unit), one
 argument of `from_run` if the run computes it, and one row in docs/outputs.md. The realised
-accounting leads (issue 21: what the code executed), the papers' nominal accounting beside it.
+accounting leads (what the code executed), the papers' nominal accounting beside it.
 """
 
 from __future__ import annotations
