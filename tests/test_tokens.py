@@ -183,7 +183,7 @@ def test_quote_text_round_trips() -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from slm_cli.commands.tokens import quote_text
+    from slm_cli.arguments import quote_text
 
     parser = OverridesParser.create()
     for text in [TEXT, "it's \\ a \\' test \\", "f(${HOME}, [1, 2]) = {a: b}", "", "x='y'"]:
