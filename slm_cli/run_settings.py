@@ -18,6 +18,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from slm_cli.data.corpora import register_resolvers
 from slm_cli.outputs import RUN_DIR_CHECKPOINT
 
 HYDRA_CONFIG = Path(".hydra") / "config.yaml"  # where Hydra saves a run's config in its run dir
@@ -40,10 +41,13 @@ def run_config(spec: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
     saved = run_dir(spec) / HYDRA_CONFIG
     if not saved.is_file():
         return {}
+    register_resolvers()  # ${corpus:NAME} in data.path
     config = OmegaConf.load(saved)
-    # Only the settings a command follows: others (the run's output dir) resolve only in that run.
-    return {key: OmegaConf.to_container(config[key], resolve=True) for key in ("data", "paths", "selection")
-            if isinstance(config.get(key), DictConfig)}
+    # Only the settings a command follows: others (the run's output dir) resolve only inside that run.
+    found = {key: OmegaConf.to_container(config[key], resolve=True) for key in ("data", "selection")
+             if isinstance(config.get(key), DictConfig)}
+    data_dir = OmegaConf.select(config, "paths.data_dir")
+    return found | ({"paths": {"data_dir": data_dir}} if data_dir is not None else {})
 
 
 def command_line_keys() -> list[str]:

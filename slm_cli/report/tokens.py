@@ -50,8 +50,9 @@ def build_strategy(selection_cfg: DictConfig) -> Selection:
     """The strategy of conf/selection/<name>.yaml with the user's settings. A RHO-1 reference is run
     here on the page's tokens, so the strategy reads its losses from the batch (mode precomputed)
     rather than loading the reference a second time."""
-    from slm_cli.run import build
+    from slm_cli.config import build
 
+    # A followed run's config may hold `scope`, a training setting rather than the strategy's.
     settings = OmegaConf.masked_copy(selection_cfg, [k for k in selection_cfg if k != "scope"])
     if "reference" in settings:
         settings.reference.mode = "precomputed"
