@@ -79,6 +79,23 @@ def test_eval_command_line_data_wins(text_run: Path, tmp_path: Path) -> None:
     assert prepared.name.startswith("stdlib") and f"({prepared})" in out
 
 
+def test_a_hugging_face_folder_keeps_the_defaults(text_run: Path, tmp_path: Path) -> None:
+    """An export carries no run config: conf/eval.yaml's data unless given, here the run's corpus
+    by hand, which finds the run's own folder (the same tokenizer) and the run's validation loss."""
+    pytest.importorskip("transformers")
+    from slm_cli.model.export import export
+
+    folder = export(text_run, tmp_path / "hf")
+    summary = json.loads((text_run / "summary.json").read_text())
+    before = data_folders(text_run)
+    out = ok(slm("eval", f"ckpt_path={folder}", "data=text", f"data.path={text_run.parent / 'corpus.txt'}",
+                 f"paths.data_dir={text_run.parent / 'data'}", "data.batch_size=4", "max_batches=4",
+                 cwd=tmp_path)).stdout
+    assert out.splitlines()[0].startswith("eval: data (source=files path=")
+    assert data_folders(text_run) == before and f"({summary['data']})" in out
+    assert eval_loss(out) == pytest.approx(summary["val_loss"], abs=1e-4)
+
+
 def test_tokens_marks_the_runs_selection(text_run: Path, tmp_path: Path) -> None:
     """`slm tokens ckpt_path=<run> split=val`: the run's own val windows, marked by entropy-ESLM (the
     run's selection), against a brute-force top-k of float64 entropies; selection.score=loss on the

@@ -72,15 +72,15 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return found
 
 
-def heldout(data: DictConfig, spec: Path, split: str, n_tokens: int,
+def heldout(settings: DictConfig, spec: Path, split: str, n_tokens: int,
             block_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
     """The held-out windows (input_ids, labels: (W, T)), the stream (positions 0..W·T) and the
-    number of tokens used (``n_tokens``, or fewer if the split is shorter). ``data`` holds the
+    number of tokens used (``n_tokens``, or fewer if the split is shorter). ``settings`` holds the
     run's ``data`` and ``paths``."""
     from slm_cli.data.prepare import prepare
     from slm_cli.data.windows import ValWindows
 
-    prepared = prepare(data.data, data.paths, tokenizer_spec=str(spec))
+    prepared = prepare(settings.data, settings.paths, tokenizer_spec=str(spec))
     stream = prepared.tokens(split)
     windows = ValWindows(stream, block_size)
     available = len(windows) * block_size
@@ -108,7 +108,7 @@ def losses_at(path: Path, input_ids: torch.Tensor, labels: torch.Tensor, n_token
 
 # ---- the command ------------------------------------------------------------------------------
 
-def run_data(run: Path, entry: dict[str, Any], data_dir: str | None) -> DictConfig:
+def run_settings(run: Path, entry: dict[str, Any], data_dir: str | None) -> DictConfig:
     """The run's ``data`` and ``paths`` (its config: slm_cli/run_settings.py), with ``data_dir`` if given."""
     config = run_config(run, entry)
     if "data" not in config:
@@ -163,10 +163,10 @@ def dynamics(cfg: DictConfig) -> Path:
     steps = [s for s, _ in found]
     last = found[-1][1]
     ckpt = load_checkpoint(last, tensors=False, key="run")
-    data = run_data(run, ckpt["slm"], cfg.data_dir)
-    print(f"dynamics: {run}'s data ({describe_data(data)}), split {cfg.split}")
+    settings = run_settings(run, ckpt["slm"], cfg.data_dir)
+    print(f"dynamics: {run}'s data ({describe_data(settings)}), split {cfg.split}")
     block_size = int(ckpt["slm"]["model"]["block_size"])
-    input_ids, labels, stream, n = heldout(data, last, cfg.split, int(cfg.tokens), block_size)
+    input_ids, labels, stream, n = heldout(settings, last, cfg.split, int(cfg.tokens), block_size)
     losses = np.stack([losses_at(path, input_ids, labels, n, int(cfg.batch_size)) for _, path in found])
     x = np.asarray(steps if cfg.x == "step" else range(len(steps)), dtype=np.float64)
     classes = classify(x, losses, cfg.rule, float(cfg.trend), None if cfg.high_loss is None else float(cfg.high_loss))

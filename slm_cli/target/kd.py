@@ -35,8 +35,8 @@ same size as the label term's; T² would only re-weight the KD term by T² again
 **The teacher** (target.teacher: an slm checkpoint, run dir or Hugging Face causal-LM folder, loaded
 as a reference model by slm_cli/reference/models.py) runs frozen (eval mode, no_grad) on each
 micro-batch's input_ids, on the micro-batch's device, so its context is exactly the student's
-training window; it hands its logits over in row blocks (``with_logit_blocks``), so no (M, V)
-teacher logits need exist at once. It costs its forward, 2·N_t + 4·L_t·T_t·d_t FLOPs per token, on
+training window; it hands its logits over in row blocks (``with_logit_blocks``: an slm teacher
+makes them block by block, so no (M, V) teacher logits exist at once). It costs its forward, 2·N_t + 4·L_t·T_t·d_t FLOPs per token, on
 every token of every micro-batch whichever tokens the selection keeps: :meth:`KD.extra_forward_flops`
 adds it to the nominal and realised FLOPs. Checks, the reference's own (named after target.teacher):
 the data's tokenizer must be the teacher's (at :meth:`token_arrays`, before training); the teacher's
