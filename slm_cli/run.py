@@ -58,21 +58,16 @@ def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, p
     """A checkpoint resumes only with the model and tokenizer it was trained with."""
     from dataclasses import asdict
 
-    from slm_cli.data.tokenizer import load_tokenizer, tokenizer_sha256
+    from slm_cli.model.load import TokenizerId, check_tokenizer
 
     saved = ckpt["slm"]["model"]
     diff = {k: (saved.get(k), v) for k, v in asdict(gpt).items() if saved.get(k) != v}
     if diff:
         pairs = ", ".join(f"model.{k}={new} (checkpoint: {old})" for k, (old, new) in diff.items())
-        raise SlmError(f"checkpoint {path} does not match this model: {pairs}: pass the checkpoint's model "
+        raise SlmError(f"ckpt_path={path} does not match this model: {pairs}: pass the checkpoint's model "
                        "settings, or start a new run without ckpt_path")
-    from tokenizers import Tokenizer
-
-    ckpt_sha = tokenizer_sha256(Tokenizer.from_str(ckpt["slm"]["tokenizer_json"]))
-    data_sha = tokenizer_sha256(load_tokenizer(str(prepared.tokenizer_path)))
-    if ckpt_sha != data_sha:
-        raise SlmError(f"checkpoint {path} was trained with another tokenizer than {prepared.dir}: "
-                       f"prepare the data with data.tokenizer={path}")
+    check_tokenizer(TokenizerId.of_json(ckpt["slm"]["tokenizer_json"], f"ckpt_path={path}"),
+                    TokenizerId.of_data(prepared), key="ckpt_path", spec=path)
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:

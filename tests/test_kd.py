@@ -176,7 +176,7 @@ def test_teacher_with_another_tokenizer_fails_in_one_line(teacher: Path, prepare
     target = KD(teacher=str(ckpt))
     with pytest.raises(SlmError, match=f"prepare the data with data.tokenizer={ckpt}$") as err:
         target.token_arrays(prepared)
-    assert "\n" not in str(err.value) and str(err.value).startswith(f"teacher {ckpt} ")
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"target.teacher={ckpt} ")
     KD(teacher=str(teacher)).token_arrays(prepared)  # the data's own tokenizer passes
 
 
@@ -184,7 +184,7 @@ def test_teacher_with_a_shorter_context_fails_in_one_line(teacher: Path, prepare
                                                           tmp_path: Path) -> None:
     ckpt = altered_checkpoint(teacher, tmp_path / "short.ckpt", block_size=16)
     target = KD(teacher=str(ckpt))
-    with pytest.raises(SlmError, match=r"training windows of 32 tokens exceed the context of teacher .* \(16 tokens\): "
+    with pytest.raises(SlmError, match=r"training windows of 32 tokens exceed the context of target.teacher=.* \(16 tokens\): "
                                        r"lower model.block_size to 16") as err:
         target.targets(batch_of(prepared))
     assert "\n" not in str(err.value)

@@ -304,7 +304,7 @@ def test_no_argument_reports_the_latest_sweep(sweep: Path, tmp_path: Path) -> No
 def test_positional_paths_become_one_hydra_list() -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from slm_cli.__main__ import positional_to_override
+    from slm_cli.arguments import positional_to_override
 
     paths = ["outputs/train/multirun/2026-01-01_00-00-00", "runs/*/seed=1", "it's [odd], isn't it"]
     args = positional_to_override(["--cfg", "job", paths[0], "out=/tmp/r", paths[1], "+x=1", paths[2]], "runs")

@@ -353,8 +353,9 @@ def test_online_reference_with_another_vocabulary(reference_ckpt: Path, scored: 
     other = PreparedData(tmp_path, {**prepared.meta, "tokenizer_sha256": "e" * 64, "vocab_size": 600})
     rho1 = Rho1(reference={"mode": "online", "ckpt_path": str(reference_ckpt)})
     assert rho1.token_arrays(prepared) == {}
-    with pytest.raises(SlmError, match=f"vocabulary 512 .* has 600 .*data.tokenizer={reference_ckpt}"):
+    with pytest.raises(SlmError, match=f"vocabulary 512 .* has 600 .*data.tokenizer={reference_ckpt}") as err:
         rho1.token_arrays(other)
+    assert str(err.value).startswith(f"selection.reference.ckpt_path={reference_ckpt} ")  # the setting the user gave
 
 
 def test_rho1_without_reference_losses_fails_in_one_line(tiny_data: Path, tmp_path: Path) -> None:

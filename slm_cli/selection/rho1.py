@@ -66,7 +66,7 @@ class Rho1(Selection):
                                "selection.reference.ckpt_path=<slm checkpoint or Hugging Face folder>")
             from slm_cli.reference.models import load
 
-            self.reference = load(str(self.ckpt_path))
+            self.reference = load(str(self.ckpt_path), key="selection.reference.ckpt_path")
 
     def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         if self.reference is not None:
@@ -112,9 +112,7 @@ class Rho1(Selection):
         """Flat (M,) reference loss and, when it is the score, entropy."""
         if self.reference is not None:
             ref = self.reference
-            if batch["input_ids"].shape[1] > ref.block_size:
-                raise SlmError(f"training windows of {batch['input_ids'].shape[1]} tokens exceed the context of "
-                               f"reference {ref.spec} ({ref.block_size}): lower model.block_size")
+            ref.check_context(batch["input_ids"].shape[1])
             if ref.device != device:
                 ref.to(device)
             loss, entropy = ref.token_stats(batch["input_ids"], batch["labels"])
