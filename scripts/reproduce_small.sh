@@ -4,26 +4,26 @@
 #   scripts/reproduce_small.sh [-o ROOT] [-r RESULTS] [--] [overrides for every training run...]
 #
 # Five parts, each reported by `slm report` (tables, "against CLM", plots) under ROOT/reports/:
-#   methods  CLM, random, ESLM (loss and entropy), Ada-ESLM, hierarchical ESLM, ESLM with a warm
-#            start (loss and entropy: CLM for the first quarter of the steps) and ESLM-KD at two model
-#            sizes (SIZE_A, SIZE_B), STEPS steps, SEEDS seeds each; CLM also at CLM_FRACTIONS of the
+#   methods  CLM, random, ESLM (loss and entropy), Ada-ESLM and ESLM-KD at two model sizes (SIZE_A,
+#            SIZE_B), STEPS steps, SEEDS seeds each; at SIZE_A also hierarchical ESLM and ESLM with a
+#            warm start (loss and entropy: CLM for the first quarter of the steps); CLM also at CLM_FRACTIONS of the
 #            steps, so that every method meets CLM at the same nominal and realised FLOPs; a keep sweep
 #            (KEEPS) of random, ESLM and ESLM-entropy at SIZE_A with SWEEP_SEEDS. The ESLM-KD teacher
 #            is SIZE_B trained for twice the steps.
 #   lengths  the SIZE_A comparison (without KD) and CoCoNTs again at each of LENGTHS steps, LONG_SEEDS
-#            seeds each: does the verdict change with training length?
+#            seeds each (the warm starts at the longest only): does the verdict change with length?
 #   rho1     RHO-1 on a noisy mixture: clean WikiText-2 + the same text with its words shuffled +
 #            Tiny Shakespeare; the reference trains on clean WikiText-2 test text; CLM, random and
 #            RHO-1 at RATIO, and CLM and random on RHO-1's window grid (data.window_grid), evaluated on
-#            held-out clean text (val/wiki/loss), at STEPS (SEEDS) and at the longest of LENGTHS
-#            (LONG_SEEDS). These corpora are the vendored ones whatever DATA says.
+#            held-out clean text (val/wiki/loss), at STEPS (SEEDS) and, without random on the grid, at
+#            the longest of LENGTHS (LONG_SEEDS). These corpora are the vendored ones whatever DATA says.
 #   coconts  CoCoNTs (n-gram soft targets) against CLM at SIZE_A: steps to CLM's loss.
 #   tasks    every final model of the main comparisons on slm's offline downstream tasks
 #            (`slm eval tasks=TASKS`, written to <run>/eval/).
 # Then `python -m slm_cli.report.results` writes the reports and RESULTS (default docs/results.md).
 #
-# Settings (environment variables; the defaults take about five hours on a 2-core CPU):
-#   STEPS=200  SEEDS="1 2 3"  LENGTHS="600 1600"  LONG_SEEDS="1 2"  TASKS=slm_local
+# Settings (environment variables; the defaults take about four hours on a 2-core CPU):
+#   STEPS=200  SEEDS="1 2 3"  LENGTHS="400 1600"  LONG_SEEDS="1 2"  TASKS=slm_local
 #   SWEEP_SEEDS="1"  KEEPS="0.2 0.4 0.8"  KEEP=0.6  RATIO=0.6
 #   CLM_FRACTIONS="0.4 0.6 0.8"  LANES=2 (runs side by side, each with nproc/LANES threads)
 #   SIZE_A="model=gpt2-nano"  SIZE_B="model=gpt2-nano model.n_embd=256"
@@ -53,7 +53,7 @@ extra=("$@")
 
 STEPS=${STEPS:-200}
 SEEDS=${SEEDS:-"1 2 3"}
-LENGTHS=${LENGTHS:-"600 1600"}
+LENGTHS=${LENGTHS:-"400 1600"}
 LONG_SEEDS=${LONG_SEEDS:-"1 2"}
 TASKS=${TASKS:-slm_local}
 SWEEP_SEEDS=${SWEEP_SEEDS:-"1"}
@@ -118,30 +118,47 @@ length() {  # length STEPS: the overrides of a run of that many steps (validatio
   echo "trainer.max_steps=$1 trainer.val_check_interval=$(( $1 / 10 )) trainer.checkpoint_every_n_steps=$(( 100 * $1 ))"
 }
 
-comparison() {  # comparison DIR SEEDS STEPS OVERRIDES...: the main methods, one sweep each
-  local dir=$1 s=$2 n=$3; shift 3
-  local len warm
+comparison() {  # comparison DIR SEEDS STEPS OVERRIDES...: the methods of both sizes, one sweep each
+  local dir=$1 s=$2 n=$3 len; shift 3
   read -r -a len <<< "$(length "$n")"
-  warm="trainer.selection_start_step=$(( n / 4 ))"  # a warm start: CLM for the first quarter
   set -- "$@" "${len[@]}" "seed=$s"
   train "$dir/clm" "$@" selection=clm
   train "$dir/random" "$@" selection=random "selection.ratio=$KEEP"
   train "$dir/eslm" "$@" selection=eslm "selection.alpha=$alpha"
   train "$dir/eslm_entropy" "$@" selection=eslm selection.score=entropy "selection.alpha=$alpha"
   train "$dir/ada_eslm" "$@" selection=ada_eslm
-  train "$dir/hier_eslm" "$@" selection=hier_eslm "selection.alpha=$alpha"
-  train "$dir/eslm_warm" "$@" selection=eslm "selection.alpha=$alpha" "$warm"
-  train "$dir/eslm_entropy_warm" "$@" selection=eslm selection.score=entropy "selection.alpha=$alpha" "$warm"
 }
-methods() {  # methods SIZE_NAME SIZE_OVERRIDES...: the main methods at one size, SEEDS seeds each
+instances() {  # instances DIR SEEDS STEPS OVERRIDES...: hierarchical ESLM
+  local dir=$1 s=$2 n=$3 len; shift 3
+  read -r -a len <<< "$(length "$n")"
+  train "$dir/hier_eslm" "$@" "${len[@]}" "seed=$s" selection=hier_eslm "selection.alpha=$alpha"
+}
+warm_starts() {  # warm_starts DIR SEEDS STEPS OVERRIDES...: ESLM after CLM for the first quarter
+  local dir=$1 s=$2 n=$3 len warm; shift 3
+  read -r -a len <<< "$(length "$n")"
+  warm="trainer.selection_start_step=$(( n / 4 ))"
+  set -- "$@" "${len[@]}" "seed=$s" "$warm" "selection.alpha=$alpha"
+  train "$dir/eslm_warm" "$@" selection=eslm
+  train "$dir/eslm_entropy_warm" "$@" selection=eslm selection.score=entropy
+}
+methods() {  # methods SIZE_NAME SIZE_OVERRIDES...: the methods at one size, SEEDS seeds each
   local name=$1; shift
   comparison "$root/methods/$name" "$seeds" "$STEPS" "${data[@]}" "$@"
+  if [ "$name" = a ]; then
+    instances "$root/methods/a" "$seeds" "$STEPS" "${data[@]}" "$@"
+    warm_starts "$root/methods/a" "$seeds" "$STEPS" "${data[@]}" "$@"
+  fi
 }
-lengths() {  # the SIZE_A comparison and CoCoNTs at each of LENGTHS steps, LONG_SEEDS seeds each
+lengths() {  # lengths STEPS...: the SIZE_A comparison and CoCoNTs at these lengths, LONG_SEEDS seeds each
   local n len
-  for n in $LENGTHS; do
+  for n in "$@"; do
     comparison "$root/lengths/L$n" "$long_seeds" "$n" "${data[@]}" "${size_a[@]}"
+    instances "$root/lengths/L$n" "$long_seeds" "$n" "${data[@]}" "${size_a[@]}"
+    if [ "$n" = "$longest" ]; then
+      warm_starts "$root/lengths/L$n" "$long_seeds" "$n" "${data[@]}" "${size_a[@]}"
+    fi
     read -r -a len <<< "$(length "$n")"
+    OMP_NUM_THREADS=$threads "${slm[@]}" ngram "${data[@]}" "${paths[@]}" ngram.n=4 ngram.r=8  # up to date: a no-op
     train "$root/lengths/L$n/coconts" "${data[@]}" "${size_a[@]}" "${len[@]}" selection=clm target=coconts \
       target.n=4 target.r=8 "seed=$long_seeds"
   done
@@ -227,7 +244,9 @@ rho1_runs() {  # rho1_runs DIR SEEDS STEPS MIX...: RHO-1 and its baselines, also
   train "$dir/random" "$@" selection=random "selection.ratio=$RATIO"
   train "$dir/rho1" "$@" selection=rho1 "selection.ratio=$RATIO"
   train "$dir/clm_grid" "$@" selection=clm "$grid"
-  train "$dir/random_grid" "$@" selection=random "selection.ratio=$RATIO" "$grid"
+  if [ "$s" = "$seeds" ]; then
+    train "$dir/random_grid" "$@" selection=random "selection.ratio=$RATIO" "$grid"
+  fi
 }
 coconts() {  # CoCoNTs against SIZE_A's CLM runs
   OMP_NUM_THREADS=$threads "${slm[@]}" ngram "${data[@]}" "${paths[@]}" ngram.n=4 ngram.r=8
@@ -238,14 +257,19 @@ echo "reproduce_small: $root (STEPS=$STEPS SEEDS=\"$SEEDS\" LANES=$LANES, $threa
 start=$(date +%s)
 OMP_NUM_THREADS=$(nproc) "${slm[@]}" prepare "${data[@]}" "${paths[@]}"
 # two lanes of about equal length: the teacher comes first in lane 1, ESLM-KD last in lane 2
+# (lane 1: the teacher, size B, RHO-1 and the shorter lengths; lane 2: size A and the longest length)
+shorter=$(for l in $LENGTHS; do [ "$l" = "$longest" ] || echo "$l"; done)
 lane1() {
   train_one "$teacher" "${data[@]}" "${size_b[@]}" selection=clm "trainer.max_steps=$(( 2 * STEPS ))" seed=0
   methods b "${size_b[@]}"; eslm_kd b "${size_b[@]}"; clm_budgets b "${size_b[@]}"; rho1
-  downstream "$root/methods/b" "$root/rho1"
+  # shellcheck disable=SC2086
+  lengths $shorter
+  downstream "$root/methods/b" "$root/rho1" "$root/lengths"
 }
 lane2() {
-  methods a "${size_a[@]}"; clm_budgets a "${size_a[@]}"; coconts; eslm_kd a "${size_a[@]}"; lengths; keep_sweep
-  downstream "$root/methods/a" "$root/lengths" "$root/coconts"
+  methods a "${size_a[@]}"; clm_budgets a "${size_a[@]}"; coconts; eslm_kd a "${size_a[@]}"; lengths "$longest"
+  keep_sweep
+  downstream "$root/methods/a" "$root/lengths/L$longest" "$root/coconts"
 }
 if [ "$LANES" -gt 1 ]; then
   lane1 > "$root/lane1.log" 2>&1 & p1=$!
