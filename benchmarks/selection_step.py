@@ -69,15 +69,14 @@ def _selection_variants(ref_ckpt: Path, optional: bool) -> list[Variant]:
 def _reference(data: list[str], prepared: PreparedData, threads: int) -> Path:
     """A tiny gpt2-nano reference trained with CLM on the benchmark corpus (same BPE, so the data
     folder is shared), scored over train.bin with `slm score`'s code path. Cached in .cache/."""
-    from slm_cli.commands.score import run as score
     from slm_cli.errors import SlmError
-    from slm_cli.reference.scores import load_scores
+    from slm_cli.reference.scores import load_scores_and_meta, run_score
 
     run_dir = CACHE_DIR / "runs" / "selection_step" / f"reference-L2-d64-T256-{REF_STEPS}steps"  # new settings: new dir
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
         with contextlib.suppress(SlmError):
-            load_scores(prepared, name=REF_NAME)
+            load_scores_and_meta(prepared, name=REF_NAME)
             print(f"reference: {ckpt} and its scores in {prepared.dir / f'ref-{REF_NAME}'} (cached)")
             return ckpt
     t0 = time.perf_counter()
@@ -88,7 +87,7 @@ def _reference(data: list[str], prepared: PreparedData, threads: int) -> Path:
     train_s = time.perf_counter() - t0
     # context = the reference's block size, stride = context: the grid training windows start on.
     with contextlib.redirect_stderr(io.StringIO()):  # `slm score`'s progress bar (errors still raise)
-        result = score(compose("score", [*data, f"ckpt_path={ckpt}", f"name={REF_NAME}", "batch_size=16"]))
+        result = run_score(compose("score", [*data, f"ckpt_path={ckpt}", f"name={REF_NAME}", "batch_size=16"]))
     print(f"reference: gpt2-nano L=2 d=64, {REF_STEPS} CLM steps ({train_s:.0f}s) -> {ckpt}; scored {result['tokens']:,} "
           f"tokens at {result['tokens_per_s']:,.0f} tokens/s")
     return ckpt

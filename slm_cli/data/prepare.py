@@ -2,12 +2,13 @@
 
 The folder is committed as one (slm_cli/data/sidecar.py): every file is staged and moved into
 place, ``meta.json`` last, and its input fingerprint lets a repeated ``prepare`` return at once.
+:func:`prepare` is every command's entry point: one corpus here, ``data=mix`` through
+slm_cli/data/mixture.py, which prepares each of its sources through :func:`prepare` again.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import math
@@ -22,29 +23,34 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from slm_cli.config import check_data
-from slm_cli.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, load_prepared, token_dtype
-from slm_cli.data.sidecar import commit, staged
+from slm_cli.data.mixture import prepare_mixture
+from slm_cli.data.prepared import (
+    FILES,
+    FORMAT_VERSION,
+    SPLITS,
+    PreparedData,
+    load_prepared,
+    prepared_meta,
+    token_dtype,
+    try_load,
+    write_tokens,
+)
+from slm_cli.data.sidecar import META, exclusive, staged
 from slm_cli.data.sources import (
     encoding_errors,
     load_documents,
     source_description,
     source_fingerprint,
     source_name,
+    text_batches,
 )
 from slm_cli.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_bpe
-from slm_cli.errors import SlmError
 
 # Below this many documents a document-level split is too coarse; split the token stream instead.
 MIN_DOCS_FOR_DOC_SPLIT = 20
 # Documents per worker below which extra tokenisation processes cost more to start than they save.
 DOCS_PER_PROC = 1000
 BATCH_DOCS = 1000
-
-
-def _try_load(dir: Path) -> PreparedData | None:
-    with contextlib.suppress(SlmError):
-        return load_prepared(dir)
-    return None
 
 
 def _settings(data_cfg: DictConfig, tokenizer: str) -> dict[str, Any]:
@@ -137,17 +143,6 @@ def _slice_chunks(chunks: Iterator[np.ndarray], start: int, stop: int) -> Iterat
             return
 
 
-def _write_bin(path: Path, chunks: Iterator[np.ndarray], n_tokens: int, dtype: np.dtype) -> None:
-    out = np.memmap(path, dtype=dtype, mode="w+", shape=(n_tokens,))
-    pos = 0
-    for chunk in chunks:
-        out[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-    assert pos == n_tokens, f"wrote {pos} tokens to {path}, expected {n_tokens}"
-    out.flush()
-    del out
-
-
 def _split(ids: Any, val_fraction: float) -> dict[str, tuple[Any, int, int]]:
     """Per split: (dataset, first token, end token) of the stream to write.
 
@@ -189,32 +184,9 @@ def prepare(
     folder already holds the same tokens (e.g. `slm eval` with a model trained on that folder).
     """
     check_data(data_cfg)
-    if data_cfg.source == "mix":  # data=mix: several sources in one folder (imported here: it builds on this module)
-        from slm_cli.data.mixture import prepare_mixture
-
-        return prepare_mixture(data_cfg, paths_cfg, tokenizer_spec=tokenizer_spec)
+    if data_cfg.source == "mix":  # data=mix: several sources in one folder, each prepared by this function
+        return prepare_mixture(data_cfg, paths_cfg, prepare, tokenizer_spec=tokenizer_spec)
     out = Path(paths_cfg.data_dir) / source_name(data_cfg)
-    # Every process of a multi-device run calls this (torchrun and srun start them all at once):
-    # the first one to take the lock prepares, the others wait and then find the folder ready.
-    with _exclusive(out.with_name(f".{out.name}.lock")):
-        return _prepare(data_cfg, out, tokenizer_spec)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An advisory lock (flock) held while the block runs; released if the process dies."""
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _prepare(data_cfg: DictConfig, out: Path, tokenizer_spec: str | None) -> PreparedData:
     spec = str(tokenizer_spec or data_cfg.tokenizer)
     settings = _settings(data_cfg, spec)
     source_fp = source_fingerprint(data_cfg)
@@ -225,18 +197,19 @@ def _prepare(data_cfg: DictConfig, out: Path, tokenizer_spec: str | None) -> Pre
         identity = tokenizer_sha256(tok)
         # Never overwrite data prepared with another tokenizer: an external tokenizer gets its own
         # folder, unless the plain folder already holds exactly these tokens.
-        base = _try_load(out)
+        base = try_load(out)
         eos = eos_id(tok, data_cfg.eos_token)
         if base and _same_tokens(base.meta, identity, source_fp, eos, settings["val_fraction"]):
             return base
         out = out.with_name(f"{out.name}.tok-{identity[:8]}")
     fingerprint = _fingerprint(source_fp, identity, settings)
-    # A corrupt or inconsistent folder is an error, not silently rebuilt: something other than
-    # `slm prepare` changed it, and the user should know before anything overwrites it.
-    existing = load_prepared(out) if (out / "meta.json").exists() else None
-    if existing and existing.meta["fingerprint"] == fingerprint:
-        return existing
-    return _build(data_cfg, out, tok, spec, settings, fingerprint, source_fp)
+    with exclusive(out):  # the first process builds; the others wait, then find it ready
+        # A corrupt or inconsistent folder is an error, not silently rebuilt: something other than
+        # `slm prepare` changed it, and the user should know before anything overwrites it.
+        existing = load_prepared(out) if (out / META).exists() else None
+        if existing and existing.meta["fingerprint"] == fingerprint:
+            return existing
+        return _build(data_cfg, out, tok, spec, settings, fingerprint, source_fp)
 
 
 def _build(
@@ -248,40 +221,32 @@ def _build(
     fingerprint: str,
     source_fp: str,
 ) -> PreparedData:
-    files = ("train.bin", "val.bin", "tokenizer.json")
-    with staged(out, files) as tmp:  # the folder is "not prepared" until commit() below
+    with staged(out, FILES) as stage:  # the folder is "not prepared" until its meta.json is written
         docs = load_documents(data_cfg, out.parent / ".hf_cache")
         if tok is None:
-            texts = docs.with_format("arrow").iter(batch_size=BATCH_DOCS)
-            tok = train_bpe((batch["text"].to_pylist() for batch in texts), settings["vocab_size"])
+            tok = train_bpe(text_batches(docs), settings["vocab_size"])
         eos = eos_id(tok, data_cfg.eos_token)
-        vocab_size = tok.get_vocab_size()
-        dtype = token_dtype(vocab_size)
-        ids = _tokenise(docs, tok, eos, tmp / "ids.arrow", _num_proc(data_cfg.num_proc, len(docs)), fingerprint)
+        dtype = token_dtype(tok.get_vocab_size())
+        ids = _tokenise(docs, tok, eos, stage.dir / "ids.arrow", _num_proc(data_cfg.num_proc, len(docs)), fingerprint)
         counts = {}
         for split, (subset, start, stop) in _split(ids, settings["val_fraction"]).items():
-            _write_bin(tmp / f"{split}.bin", _slice_chunks(_chunks(subset), start, stop), stop - start, dtype)
+            write_tokens(stage.dir / f"{split}.bin", _slice_chunks(_chunks(subset), start, stop), stop - start, dtype)
             counts[split] = stop - start
-        tok.save(str(tmp / "tokenizer.json"))
-    commit(out, {
-        "format_version": FORMAT_VERSION,
-        "name": out.name,
-        "source": source_description(data_cfg),
-        "fingerprint": fingerprint,
-        "source_fingerprint": source_fp,
-        "tokenizer_sha256": tokenizer_sha256(tok),
-        "tokenizer": spec,
-        "vocab_size": vocab_size,
-        "eos_id": eos,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "documents": len(docs),
-        "settings": settings,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
+        tok.save(str(stage.dir / "tokenizer.json"))
+        stage.meta = prepared_meta(out, source=source_description(data_cfg), fingerprint=fingerprint,
+                                   source_fingerprint=source_fp, tokenizer=tok, tokenizer_spec=spec, eos_id=eos,
+                                   counts=counts, documents=len(docs), settings=settings)
     print(
         f"prepared {out}: {counts['train']:,} train + {counts['val']:,} val tokens "
-        f"from {len(docs):,} documents, vocab {vocab_size:,}"
+        f"from {len(docs):,} documents, vocab {tok.get_vocab_size():,}"
     )
     return load_prepared(out)
+
+
+def run_prepare(cfg: DictConfig) -> PreparedData:
+    """`slm prepare`: the corpus of ``cfg.data`` prepared (or found up to date), and one line saying so."""
+    prepared = prepare(cfg.data, cfg.paths)
+    meta = prepared.meta
+    print(f"data: {prepared.dir}  train_tokens={meta['train_tokens']} val_tokens={meta['val_tokens']} "
+          f"vocab_size={meta['vocab_size']}")
+    return prepared
