@@ -155,6 +155,49 @@ def test_float16_keeps_tiny_probabilities_positive() -> None:
     assert probs[0, 0] == 1 and probs[0, 1] == np.finfo(np.float16).smallest_subnormal and probs[0, 2] == 0
 
 
+def test_float16_arrays_train_the_float32_target() -> None:
+    """CoCoNTs from float16 arrays (the default) against float32 ones on the same windows: the same
+    ids and label slots, each probability within float16's rounding (2^-11 relative, 2^-25 absolute
+    below 6e-5), and the loss within the bound that rounding implies (sum of |dy| |log p|, float64),
+    its gradients within float16 tolerance."""
+    import torch
+
+    from slm_cli.data.windows import TrainWindows
+    from slm_cli.loss import token_stats, weighted_loss
+    from slm_cli.target.coconts import CoCoNTs
+
+    vocab, n, r = 20, 3, 4
+    tokens = random_tokens(4000, vocab=vocab, seed=5)
+    target = CoCoNTs(n=n, r=r, weight=0.5)
+    results = {}
+    for dtype in ("float32", "float16"):
+        ids, probs, _ = build_ngram(tokens, vocab, n, r, dtype=dtype)
+        assert probs.dtype == np.dtype(dtype)
+        windows = TrainWindows(tokens, 16, seed=1, token_arrays={"ngram_ids": ids, "ngram_probs": probs})
+        batch = windows[np.arange(8)]
+        targets = target.targets(batch)
+        labels = batch["labels"].reshape(-1)
+        torch.manual_seed(0)
+        hidden = torch.randn(labels.numel(), 8, requires_grad=True)
+        weight = torch.randn(vocab, 8, requires_grad=True)
+        weights = torch.full((labels.numel(),), 1 / labels.numel())
+        stats = token_stats(hidden.detach(), weight.detach(), labels, chunk_size=7)
+        loss = weighted_loss(hidden, weight, labels, weights, stats, targets=targets, chunk_size=7)
+        loss.backward()
+        log_p = torch.log_softmax(hidden.detach().double() @ weight.detach().double().T, -1)
+        results[dtype] = (targets, loss.item(), hidden.grad, weight.grad, log_p)
+    (t32, loss32, gh32, gw32, log_p), (t16, loss16, gh16, gw16, _) = results["float32"], results["float16"]
+    assert torch.equal(t16.ids, t32.ids) and torch.equal(t16.probs > 0, t32.probs > 0)
+    p32, p16 = t32.probs.double(), t16.probs.double()
+    assert ((p16 - p32).abs() <= 2**-11 * p32 + 2**-25).all()
+    assert (p16 != p32).any()  # float16 did round
+    dy = (p16 - p32).abs()
+    bound = float((dy * -log_p.gather(1, t32.ids)).sum(1).mean())
+    assert abs(loss16 - loss32) <= bound + 1e-6 and bound < 1e-3 * loss32
+    for g16, g32 in ((gh16, gh32), (gw16, gw32)):
+        torch.testing.assert_close(g16, g32, rtol=2**-10, atol=2**-10 * float(g32.abs().max()))
+
+
 # ---- the folder ---------------------------------------------------------------------------------
 def test_builds_are_deterministic_and_committed_by_meta(tmp_path: Path) -> None:
     prepared = fake_prepared(tmp_path / "data", random_tokens(5000, vocab=300, seed=4), vocab=300)
