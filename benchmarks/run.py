@@ -32,6 +32,7 @@ from benchmarks import (  # noqa: E402
     gpu,
     loss_memory,
     ngram_build,
+    prepare_scale,
     selection_step,
     step_profile,
     target_step,
@@ -41,7 +42,8 @@ from benchmarks.common import REPO_DIR, RESULTS_DIR, BenchError, Benchmark, mach
 # The registry, in the order `make bench` runs them (all but those named in ON_REQUEST).
 BENCHMARKS: dict[str, Benchmark] = {}
 ON_REQUEST = ("gpu",)  # needs a CUDA device: run by name only
-for _module in (clm_step, selection_step, step_profile, loss_memory, ngram_build, target_step, ddp_step, gpu):
+for _module in (clm_step, selection_step, step_profile, loss_memory, ngram_build, target_step, ddp_step,
+                prepare_scale, gpu):
     if _module.BENCHMARK.name in BENCHMARKS:
         raise ValueError(f"benchmark {_module.BENCHMARK.name!r} is registered twice")
     BENCHMARKS[_module.BENCHMARK.name] = _module.BENCHMARK

@@ -210,8 +210,8 @@ def test_literal_eos_text_is_not_a_separator(tmp_path: Path, paths: DictConfig) 
     assert split_docs(stream(data), data.eos_id, tok) == ["a <|endoftext|> b", "second document"]
 
 
-def test_worker_processes_give_the_same_tokens(tmp_path: Path, docs: list[str]) -> None:
-    corpus = tmp_path / "lines.txt"  # > 2 * DOCS_PER_PROC lines, so num_proc=2 really forks 2 workers
+def test_worker_threads_give_the_same_tokens(tmp_path: Path, docs: list[str]) -> None:
+    corpus = tmp_path / "lines.txt"  # > 2 * BATCH_DOCS lines, so num_proc=2 really encodes in 2 threads
     corpus.write_text("\n".join(f"{i} {line}" for i in range(12) for d in docs for line in d.splitlines()))
     runs = [
         prepare(
@@ -220,7 +220,7 @@ def test_worker_processes_give_the_same_tokens(tmp_path: Path, docs: list[str]) 
         )
         for n in (1, 2)
     ]
-    assert runs[0].meta["documents"] >= 2 * prepare_mod.DOCS_PER_PROC
+    assert runs[0].meta["documents"] >= 2 * prepare_mod.BATCH_DOCS
     assert np.array_equal(stream(runs[0]), stream(runs[1]))
 
 

@@ -38,10 +38,10 @@ from slm_cli.data.prepared import (
     MIXTURE_KEY,
     SPLITS,
     PreparedData,
+    TokenWriter,
     load_prepared,
     prepared_meta,
     try_load,
-    write_tokens,
 )
 from slm_cli.data.sidecar import META, commit, exclusive, staged
 from slm_cli.data.sources import load_documents, source_fingerprint, source_name, text_batches
@@ -56,7 +56,6 @@ ENTRY_KEYS = ("data", "weight")
 # Keys the mixture decides for every source: one tokenizer, one separator, one worker count.
 SHARED_KEYS = ("tokenizer", "vocab_size", "eos_token", "num_proc")
 FIX = "e.g. data.sources.wiki.weight=0.7 (see docs/data.md, Mixtures)"
-COPY_TOKENS = 1 << 24  # tokens copied at a time from a source's stream: bounded memory for large sources
 # prepare.prepare: (data_cfg, paths_cfg, tokenizer_spec=...) -> the source's prepared folder
 PrepareSource = Callable[..., PreparedData]
 
@@ -210,13 +209,6 @@ def _union_bpe(srcs: list[Source], cache_dir: Path, vocab_size: int) -> Any:
     return train_bpe(batches(), vocab_size)
 
 
-def _pieces(streams: list[np.ndarray]) -> Iterator[np.ndarray]:
-    """The concatenation of ``streams``, in pieces of at most COPY_TOKENS tokens."""
-    for stream in streams:
-        for lo in range(0, len(stream), COPY_TOKENS):
-            yield stream[lo : lo + COPY_TOKENS]
-
-
 def _build(data_cfg: DictConfig, paths_cfg: DictConfig, prepare_source: PrepareSource, srcs: list[Source],
            out: Path, tok: Any, spec: str, fingerprint: str, sources_fp: str) -> PreparedData:
     with staged(out, FILES) as stage:
@@ -238,7 +230,9 @@ def _build(data_cfg: DictConfig, paths_cfg: DictConfig, prepare_source: PrepareS
         for split in SPLITS:
             streams = [p.tokens(split) for p in parts]
             ends = np.cumsum([len(t) for t in streams]).tolist()
-            write_tokens(stage.dir / f"{split}.bin", _pieces(streams), int(ends[-1]), parts[0].dtype)
+            with TokenWriter(stage.dir / f"{split}.bin", parts[0].dtype) as out:
+                for stream in streams:
+                    out.write(stream)
             for m, start, end in zip(mixture, [0, *ends[:-1]], ends, strict=True):
                 m[split] = [int(start), int(end)]
             counts[split] = int(ends[-1])

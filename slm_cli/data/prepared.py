@@ -2,7 +2,7 @@
 ``train.bin`` / ``val.bin`` token streams (nanoGPT's layout), the ``tokenizer.json`` that made
 them, and the ``meta.json`` that describes them and commits the folder (the protocol of
 slm_cli/data/sidecar.py). Here are its one meta.json writer (:func:`prepared_meta`), its one .bin
-writer (:func:`write_tokens`), the folder's lock, and the reader with its checks.
+writer (:class:`TokenWriter`), the folder's lock, and the reader with its checks.
 The builds live in slm_cli/data/prepare.py (one corpus) and slm_cli/data/mixture.py (`data=mix`).
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ META_KEYS = (
     "vocab_size", "eos_id", "dtype", "train_tokens", "val_tokens", "documents", "settings", "created",
 )  # fmt: skip
 MIXTURE_KEY = "mixture"  # a mixture's sources: name, data, weight, dir, and their [start, end) per split
+COPY_TOKENS = 1 << 24  # tokens converted and written at a time: bounded memory for any stream
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -110,19 +110,29 @@ def prepared_meta(folder: Path, *, source: str, fingerprint: str, source_fingerp
     return meta if mixture is None else {**meta, MIXTURE_KEY: mixture}
 
 
-def write_tokens(path: Path, chunks: Iterable[np.ndarray], n_tokens: int, dtype: np.dtype) -> None:
-    """A split's token stream: the chunks, in order, written through a memmap of ``n_tokens`` ids."""
-    out = np.memmap(path, dtype=dtype, mode="w+", shape=(n_tokens,))
-    pos = 0
-    for chunk in chunks:
-        out[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-        if pos:
+class TokenWriter:
+    """A split's token stream, appended in order as ``dtype`` ids to ``path``: the one .bin writer of
+    both builds. Plain buffered writes, not a memmap, so the written pages are not held in the
+    process's memory."""
+
+    def __init__(self, path: Path, dtype: np.dtype) -> None:
+        self.path, self.dtype, self.tokens = path, np.dtype(dtype), 0
+        self._file = open(path, "wb")  # noqa: SIM115 - closed by __exit__
+
+    def write(self, tokens: np.ndarray) -> None:
+        """Append ``tokens`` (any integer array, e.g. a memmapped stream: copied COPY_TOKENS at a time)."""
+        for lo in range(0, len(tokens), COPY_TOKENS):
+            self._file.write(np.ascontiguousarray(tokens[lo : lo + COPY_TOKENS], dtype=self.dtype).data)
+        if self.tokens == 0 and len(tokens):
+            self._file.flush()  # part of the stream is on disk: a point where the interruption tests kill
             kill_point("bin")
-    if pos != n_tokens:
-        raise RuntimeError(f"wrote {pos} tokens to {path}, expected {n_tokens}")
-    out.flush()
-    del out
+        self.tokens += len(tokens)
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
 
 
 # ---- reading ------------------------------------------------------------------------------------

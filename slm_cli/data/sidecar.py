@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from slm_cli.errors import SlmError
-from slm_cli.outputs import write_json
 
 META = "meta.json"
 STAGED_PREFIX = ".staged-"
@@ -125,6 +124,8 @@ def staged(folder: Path, files: Iterable[str]) -> Iterator[Stage]:
 def commit(folder: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write ``folder``'s meta.json atomically: the commit of its files. Call it through
     :func:`staged`, or under :func:`exclusive` to change a committed folder's description."""
+    from slm_cli.outputs import write_json  # deferred: it imports torch, which a data build never needs
+
     kill_point("commit")
     write_json(folder / META, meta)
     return meta
