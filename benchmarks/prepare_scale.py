@@ -2,7 +2,12 @@
 size up to 1 GB: MB/s, tokens/s and the peak memory of its process tree, beside `tokenizers`' own
 `Tokenizer.encode_batch` over the same documents on the same cores (the physical baseline). Goals:
 peak memory flat (within 20%) from the smallest to the largest corpus, and prepare's throughput at
-least 80% of encode_batch alone."""
+least 80% of encode_batch alone.
+
+Memory is the process tree's proportional set size (PSS), and the goal is on its anonymous part:
+the memory the processes allocate. The rest is file pages of the memory-mapped Arrow input
+(`datasets` maps the corpus): page cache, which grows with the pages read and which the kernel
+drops under pressure; the table gives it too."""
 
 from __future__ import annotations
 
@@ -241,7 +246,7 @@ def prepare_scale(quick: bool) -> dict[str, Any]:
         print(f"  {size} MB: {time.perf_counter() - t0:.0f}s", flush=True)
     memory = {k: figures[-1]["prepare"][k] / figures[0]["prepare"][k] for k in ("peak_pss_mib", "peak_anon_mib")}
     ratio = figures[-1]["throughput_ratio"]
-    goals = {"memory_flat": memory["peak_pss_mib"] <= MEMORY_GOAL, "throughput": ratio >= THROUGHPUT_GOAL}
+    goals = {"memory_flat": memory["peak_anon_mib"] <= MEMORY_GOAL, "throughput": ratio >= THROUGHPUT_GOAL}
     print()
     print(table(["MB", "documents", "tokens", "prepare s", "MB/s", "tokens/s", "encode_batch s", "MB/s", "tokens/s",
                  "prepare / encode_batch", "prepare peak PSS MiB", "of it anonymous", "encode_batch peak PSS MiB"], rows))
@@ -251,8 +256,9 @@ def prepare_scale(quick: bool) -> dict[str, Any]:
           f"not timed). Peak PSS: the largest sum over the process tree of each process's proportional set size "
           f"(smaps_rollup, read every {POLL_S * 1000:.0f} ms; shared pages of forked workers counted once); anonymous: "
           f"its Pss_Anon part, without the file pages of memory-mapped inputs (the kernel's page cache).")
-    print(f"goal: peak PSS flat within {MEMORY_GOAL - 1:.0%}: largest / smallest corpus = {memory['peak_pss_mib']:.2f} "
-          f"({'met' if goals['memory_flat'] else 'NOT met'}; anonymous {memory['peak_anon_mib']:.2f})")
+    print(f"goal: peak anonymous PSS flat within {MEMORY_GOAL - 1:.0%}: largest / smallest corpus = "
+          f"{memory['peak_anon_mib']:.2f} ({'met' if goals['memory_flat'] else 'NOT met'}; with the input's file "
+          f"pages {memory['peak_pss_mib']:.2f})")
     print(f"goal: prepare >= {THROUGHPUT_GOAL:.0%} of encode_batch's tokens/s on the largest corpus: {ratio:.0%} "
           f"({'met' if goals['throughput'] else 'NOT met'})")
     return {"quick": quick, "sizes_mb": list(p["sizes_mb"]), "threads": threads, "runs": figures,
