@@ -230,9 +230,9 @@ def _build(data_cfg: DictConfig, paths_cfg: DictConfig, prepare_source: PrepareS
         for split in SPLITS:
             streams = [p.tokens(split) for p in parts]
             ends = np.cumsum([len(t) for t in streams]).tolist()
-            with TokenWriter(stage.dir / f"{split}.bin", parts[0].dtype) as out:
+            with TokenWriter(stage.dir / f"{split}.bin", parts[0].dtype) as writer:
                 for stream in streams:
-                    out.write(stream)
+                    writer.write(stream)
             for m, start, end in zip(mixture, [0, *ends[:-1]], ends, strict=True):
                 m[split] = [int(start), int(end)]
             counts[split] = int(ends[-1])

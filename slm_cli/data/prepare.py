@@ -81,7 +81,7 @@ def _fingerprint(source_fp: str, tokenizer_identity: str, settings: dict[str, An
 
 def _threads(requested: int | None) -> int:
     """Tokenisation threads: data.num_proc, or every core this process may run on."""
-    return max(1, requested or len(os.sched_getaffinity(0)))
+    return max(1, requested or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
