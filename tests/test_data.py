@@ -131,7 +131,7 @@ def test_stdlib_round_trip(paths: DictConfig) -> None:
     assert data.vocab_size == tok.get_vocab_size() == VOCAB
     assert data.dtype == np.uint16 and data.meta["dtype"] == "uint16"
     assert data.meta["tokenizer_sha256"] == tokenizer_sha256(tok)
-    assert not any(p.name.startswith(".prepare-") for p in data.dir.iterdir()), "temp files cleaned up"
+    assert not any(p.name.startswith(".staged-") for p in data.dir.iterdir()), "temp files cleaned up"
 
 
 def test_document_split_is_deterministic_and_keeps_order(
@@ -267,11 +267,26 @@ def test_interrupted_prepare_leaves_no_meta(
     with pytest.raises(KeyboardInterrupt):
         prepare(files_cfg(corpus, vocab_size=VOCAB + 20), paths)
     assert not (data.dir / "meta.json").exists()
-    assert not any(p.name.startswith(".prepare-") for p in data.dir.iterdir())
+    assert not any(p.name.startswith(".staged-") for p in data.dir.iterdir())
     with pytest.raises(SlmError, match="no prepared data"):
         load_prepared(data.dir)
     monkeypatch.undo()
     assert prepare(files_cfg(corpus, vocab_size=VOCAB + 20), paths).vocab_size == VOCAB + 20
+
+
+def test_one_meta_writer_for_both_builds(paths: DictConfig, corpus: Path) -> None:
+    """A plain folder's meta.json holds exactly META_KEYS, and a mixture's adds only `mixture`: both
+    come from prepared_meta, which load_prepared's checks read."""
+    from slm_cli.data.prepared import META_KEYS, MIXTURE_KEY, prepared_meta
+
+    data = prepare(files_cfg(corpus), paths)
+    assert list(json.loads((data.dir / "meta.json").read_text())) == list(META_KEYS)
+    tok = load_tokenizer(str(data.tokenizer_path))
+    fields = {"source": "s", "fingerprint": "f", "source_fingerprint": "g", "tokenizer": tok, "tokenizer_spec": "bpe",
+              "eos_id": data.eos_id, "counts": {"train": 3, "val": 1}, "documents": 2, "settings": {}}
+    mixture = [{"name": "a", "train": [0, 3], "val": [0, 1]}]
+    assert list(prepared_meta(data.dir, **fields, mixture=mixture)) == [*META_KEYS, MIXTURE_KEY]
+    assert prepared_meta(data.dir, **fields)["dtype"] == token_dtype(tok.get_vocab_size()).name
 
 
 def test_load_prepared_validates(tmp_path: Path, paths: DictConfig, corpus: Path) -> None:

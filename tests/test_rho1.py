@@ -417,7 +417,7 @@ def test_slm_score_with_a_hf_reference(hf_reference: Path, tmp_path: Path) -> No
            f"ckpt_path={hf_reference}", "name='gpt2 tiny!'", "stride=8", cwd=tmp_path))
     # Prepared with the reference's tokenizer.json, in a folder of its own.
     (data,) = (tmp_path / "data").glob("corpus.tok-*")
-    folder = data / "ref-gpt2-tiny"
+    folder = data / "ref-gpt2_tiny"
     meta = json.loads((folder / "meta.json").read_text())
     assert (meta["context"], meta["stride"]) == (BLOCK, 8) and "Hugging Face gpt2" in meta["reference_describe"]
     prepared = load_prepared(data)
