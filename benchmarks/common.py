@@ -1,4 +1,4 @@
-"""What the benchmarks share: the registry entry, paths, the machine, the timing set-up, tables, the
+"""What the benchmarks share: the registry entry, paths, the timing set-up, tables, the
 `slm` config, the corpus, child processes, and the clock that makes several `train()` runs take turns."""
 
 from __future__ import annotations
@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -41,21 +40,6 @@ class Benchmark:
 
 class BenchError(Exception):
     """A benchmark cannot run (e.g. a corpus file is missing); the runner prints it on one line."""
-
-
-def machine() -> dict[str, Any]:
-    """What the figures were measured on."""
-    import lightning
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": cpu, "nproc": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "lightning": lightning.__version__, "python": platform.python_version()}
 
 
 def timing_setup() -> int:

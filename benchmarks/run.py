@@ -29,6 +29,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py`: make the `benchmark
 from benchmarks import (  # noqa: E402
     clm_step,
     ddp_step,
+    early_exit,
     gpu,
     loss_memory,
     ngram_build,
@@ -37,12 +38,13 @@ from benchmarks import (  # noqa: E402
     step_profile,
     target_step,
 )
-from benchmarks.common import REPO_DIR, RESULTS_DIR, BenchError, Benchmark, machine  # noqa: E402
+from benchmarks.common import REPO_DIR, RESULTS_DIR, BenchError, Benchmark  # noqa: E402
+from slm_cli.machine import machine  # noqa: E402
 
 # The registry, in the order `make bench` runs them (all but those named in ON_REQUEST).
 BENCHMARKS: dict[str, Benchmark] = {}
 ON_REQUEST = ("gpu",)  # needs a CUDA device: run by name only
-for _module in (clm_step, selection_step, step_profile, loss_memory, ngram_build, target_step, ddp_step,
+for _module in (clm_step, selection_step, step_profile, loss_memory, ngram_build, target_step, ddp_step, early_exit,
                 prepare_scale, gpu):
     if _module.BENCHMARK.name in BENCHMARKS:
         raise ValueError(f"benchmark {_module.BENCHMARK.name!r} is registered twice")

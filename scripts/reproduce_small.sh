@@ -3,21 +3,28 @@
 #
 #   scripts/reproduce_small.sh [-o ROOT] [-r RESULTS] [--] [overrides for every training run...]
 #
-# Four parts, each reported by `slm report` (tables, "against CLM", plots) under ROOT/reports/:
-#   methods  CLM, random, ESLM (loss and entropy), Ada-ESLM and ESLM-KD at two model sizes (SIZE_A,
-#            SIZE_B), SEEDS seeds each; CLM also at CLM_FRACTIONS of the steps, so that every method
-#            meets CLM at the same nominal and realised FLOPs; a keep sweep (KEEPS) of random, ESLM
-#            and ESLM-entropy at SIZE_A with SWEEP_SEEDS. The ESLM-KD teacher is SIZE_B trained
-#            for twice the steps.
+# Five parts, each reported by `slm report` (tables, "against CLM", plots) under ROOT/reports/:
+#   methods  CLM, random, ESLM (loss and entropy), Ada-ESLM, hierarchical ESLM, ESLM with a warm
+#            start (loss and entropy: CLM for the first quarter of the steps) and ESLM-KD at two model
+#            sizes (SIZE_A, SIZE_B), STEPS steps, SEEDS seeds each; CLM also at CLM_FRACTIONS of the
+#            steps, so that every method meets CLM at the same nominal and realised FLOPs; a keep sweep
+#            (KEEPS) of random, ESLM and ESLM-entropy at SIZE_A with SWEEP_SEEDS. The ESLM-KD teacher
+#            is SIZE_B trained for twice the steps.
+#   lengths  the SIZE_A comparison (without KD) and CoCoNTs again at each of LENGTHS steps, LONG_SEEDS
+#            seeds each: does the verdict change with training length?
 #   rho1     RHO-1 on a noisy mixture: clean WikiText-2 + the same text with its words shuffled +
 #            Tiny Shakespeare; the reference trains on clean WikiText-2 test text; CLM, random and
-#            RHO-1 at RATIO, evaluated on held-out clean text (val/wiki/loss). These corpora are the
-#            vendored ones whatever DATA says; sizes, steps, batch and overrides apply.
+#            RHO-1 at RATIO, and CLM and random on RHO-1's window grid (data.window_grid), evaluated on
+#            held-out clean text (val/wiki/loss), at STEPS (SEEDS) and at the longest of LENGTHS
+#            (LONG_SEEDS). These corpora are the vendored ones whatever DATA says.
 #   coconts  CoCoNTs (n-gram soft targets) against CLM at SIZE_A: steps to CLM's loss.
-# Then scripts/results_page.py writes RESULTS (default docs/results.md) from the reports.
+#   tasks    every final model of the main comparisons on slm's offline downstream tasks
+#            (`slm eval tasks=TASKS`, written to <run>/eval/).
+# Then `python -m slm_cli.report.results` writes the reports and RESULTS (default docs/results.md).
 #
-# Settings (environment variables; the defaults fit a 2-core CPU in about 70 minutes):
-#   STEPS=200  SEEDS="1 2 3"  SWEEP_SEEDS="1"  KEEPS="0.2 0.4 0.8"  KEEP=0.6  RATIO=0.6
+# Settings (environment variables; the defaults take about five hours on a 2-core CPU):
+#   STEPS=200  SEEDS="1 2 3"  LENGTHS="600 1600"  LONG_SEEDS="1 2"  TASKS=slm_local
+#   SWEEP_SEEDS="1"  KEEPS="0.2 0.4 0.8"  KEEP=0.6  RATIO=0.6
 #   CLM_FRACTIONS="0.4 0.6 0.8"  LANES=2 (runs side by side, each with nproc/LANES threads)
 #   SIZE_A="model=gpt2-nano"  SIZE_B="model=gpt2-nano model.n_embd=256"
 #   DATA="data=wikitext2 data.vocab_size=4096"  BATCH="data.batch_size=16 model.block_size=128"
@@ -46,6 +53,9 @@ extra=("$@")
 
 STEPS=${STEPS:-200}
 SEEDS=${SEEDS:-"1 2 3"}
+LENGTHS=${LENGTHS:-"600 1600"}
+LONG_SEEDS=${LONG_SEEDS:-"1 2"}
+TASKS=${TASKS:-slm_local}
 SWEEP_SEEDS=${SWEEP_SEEDS:-"1"}
 KEEPS=${KEEPS:-"0.2 0.4 0.8"}
 KEEP=${KEEP:-0.6}
@@ -100,18 +110,50 @@ train_one() {  # train_one DIR OVERRIDES...: one run into DIR (skipped when it h
 }
 
 seeds=$(join $SEEDS)
+long_seeds=$(join $LONG_SEEDS)
 alpha=$(minus "$KEEP")
 teacher="$root/methods/teacher"
+longest=$(for l in $LENGTHS; do echo "$l"; done | sort -n | tail -1)
+length() {  # length STEPS: the overrides of a run of that many steps (validation 10 times)
+  echo "trainer.max_steps=$1 trainer.val_check_interval=$(( $1 / 10 )) trainer.checkpoint_every_n_steps=$(( 100 * $1 ))"
+}
 
-methods() {  # methods SIZE_NAME SIZE_OVERRIDES...: the six methods at one size, SEEDS seeds each
+comparison() {  # comparison DIR SEEDS STEPS OVERRIDES...: the main methods, one sweep each
+  local dir=$1 s=$2 n=$3; shift 3
+  local len warm
+  read -r -a len <<< "$(length "$n")"
+  warm="trainer.selection_start_step=$(( n / 4 ))"  # a warm start: CLM for the first quarter
+  set -- "$@" "${len[@]}" "seed=$s"
+  train "$dir/clm" "$@" selection=clm
+  train "$dir/random" "$@" selection=random "selection.ratio=$KEEP"
+  train "$dir/eslm" "$@" selection=eslm "selection.alpha=$alpha"
+  train "$dir/eslm_entropy" "$@" selection=eslm selection.score=entropy "selection.alpha=$alpha"
+  train "$dir/ada_eslm" "$@" selection=ada_eslm
+  train "$dir/hier_eslm" "$@" selection=hier_eslm "selection.alpha=$alpha"
+  train "$dir/eslm_warm" "$@" selection=eslm "selection.alpha=$alpha" "$warm"
+  train "$dir/eslm_entropy_warm" "$@" selection=eslm selection.score=entropy "selection.alpha=$alpha" "$warm"
+}
+methods() {  # methods SIZE_NAME SIZE_OVERRIDES...: the main methods at one size, SEEDS seeds each
   local name=$1; shift
-  set -- "${data[@]}" "$@"
-  local dir="$root/methods/$name"
-  train "$dir/clm" "$@" selection=clm "seed=$seeds"
-  train "$dir/random" "$@" selection=random "selection.ratio=$KEEP" "seed=$seeds"
-  train "$dir/eslm" "$@" selection=eslm "selection.alpha=$alpha" "seed=$seeds"
-  train "$dir/eslm_entropy" "$@" selection=eslm selection.score=entropy "selection.alpha=$alpha" "seed=$seeds"
-  train "$dir/ada_eslm" "$@" selection=ada_eslm "seed=$seeds"
+  comparison "$root/methods/$name" "$seeds" "$STEPS" "${data[@]}" "$@"
+}
+lengths() {  # the SIZE_A comparison and CoCoNTs at each of LENGTHS steps, LONG_SEEDS seeds each
+  local n len
+  for n in $LENGTHS; do
+    comparison "$root/lengths/L$n" "$long_seeds" "$n" "${data[@]}" "${size_a[@]}"
+    read -r -a len <<< "$(length "$n")"
+    train "$root/lengths/L$n/coconts" "${data[@]}" "${size_a[@]}" "${len[@]}" selection=clm target=coconts \
+      target.n=4 target.r=8 "seed=$long_seeds"
+  done
+}
+downstream() {  # downstream DIR...: the finished runs of the main comparisons below DIR on TASKS
+  local run    # (not CLM's shorter runs nor the keep sweep; skipped when done before)
+  for run in $(find "$@" -name summary.json -not -path '*/clm_steps*' -not -path '*_keeps/*' -printf '%h\n' \
+               2>/dev/null | sort); do
+    [ -d "$run/eval" ] && [ -n "$(ls -A "$run/eval")" ] && continue
+    OMP_NUM_THREADS=$threads "${slm[@]}" eval "ckpt_path=$run" "tasks=$TASKS" > /dev/null \
+      || echo "reproduce_small.sh: downstream evaluation of $run failed" >&2
+  done
 }
 eslm_kd() {  # eslm_kd SIZE_NAME SIZE_OVERRIDES...: after the teacher
   local name=$1; shift
@@ -171,10 +213,21 @@ EOF
   if [ ! -d "$root/data/noisy-mix/ref-rho1_reference" ]; then
     OMP_NUM_THREADS=$threads "${slm[@]}" score "${mix[@]}" "${paths[@]}" "ckpt_path=$reference"
   fi
-  common_mix=("${mix[@]}" "${size_a[@]}" "seed=$seeds")
-  train "$dir/clm" "${common_mix[@]}" selection=clm
-  train "$dir/random" "${common_mix[@]}" selection=random "selection.ratio=$RATIO"
-  train "$dir/rho1" "${common_mix[@]}" selection=rho1 "selection.ratio=$RATIO"
+  rho1_runs "$dir" "$seeds" "$STEPS" "${mix[@]}"
+  rho1_runs "$dir/L$longest" "$long_seeds" "$longest" "${mix[@]}"
+}
+rho1_runs() {  # rho1_runs DIR SEEDS STEPS MIX...: RHO-1 and its baselines, also on RHO-1's window grid
+  local dir=$1 s=$2 n=$3 len; shift 3
+  read -r -a len <<< "$(length "$n")"
+  local block grid  # RHO-1 trains on its scores' grid of model.block_size: the baselines' grid too
+  block=$("${slm[@]}" train "${size_a[@]}" "${batch[@]}" "${extra[@]}" --cfg job --package model | sed -n 's/^block_size: //p')
+  grid="data.window_grid=$block"
+  set -- "$@" "${size_a[@]}" "${len[@]}" "seed=$s"
+  train "$dir/clm" "$@" selection=clm
+  train "$dir/random" "$@" selection=random "selection.ratio=$RATIO"
+  train "$dir/rho1" "$@" selection=rho1 "selection.ratio=$RATIO"
+  train "$dir/clm_grid" "$@" selection=clm "$grid"
+  train "$dir/random_grid" "$@" selection=random "selection.ratio=$RATIO" "$grid"
 }
 coconts() {  # CoCoNTs against SIZE_A's CLM runs
   OMP_NUM_THREADS=$threads "${slm[@]}" ngram "${data[@]}" "${paths[@]}" ngram.n=4 ngram.r=8
@@ -187,10 +240,12 @@ OMP_NUM_THREADS=$(nproc) "${slm[@]}" prepare "${data[@]}" "${paths[@]}"
 # two lanes of about equal length: the teacher comes first in lane 1, ESLM-KD last in lane 2
 lane1() {
   train_one "$teacher" "${data[@]}" "${size_b[@]}" selection=clm "trainer.max_steps=$(( 2 * STEPS ))" seed=0
-  methods b "${size_b[@]}"; eslm_kd b "${size_b[@]}"; clm_budgets b "${size_b[@]}"
+  methods b "${size_b[@]}"; eslm_kd b "${size_b[@]}"; clm_budgets b "${size_b[@]}"; rho1
+  downstream "$root/methods/b" "$root/rho1"
 }
 lane2() {
-  methods a "${size_a[@]}"; clm_budgets a "${size_a[@]}"; keep_sweep; rho1; coconts; eslm_kd a "${size_a[@]}"
+  methods a "${size_a[@]}"; clm_budgets a "${size_a[@]}"; coconts; eslm_kd a "${size_a[@]}"; lengths; keep_sweep
+  downstream "$root/methods/a" "$root/lengths" "$root/coconts"
 }
 if [ "$LANES" -gt 1 ]; then
   lane1 > "$root/lane1.log" 2>&1 & p1=$!
@@ -203,14 +258,7 @@ else
 fi
 echo "runs done in $(( ($(date +%s) - start) / 60 )) min"
 
-report() {  # report NAME DIR...: one `slm report` of the runs under the DIRs
-  local name=$1; shift
-  "${slm[@]}" report "runs=[$(join "$@")]" "out=$root/reports/$name" "paths.log_dir=$root/outputs" > /dev/null
-}
-report methods_a "$root/methods/a"
-report methods_b "$root/methods/b"
-report rho1 "$root/rho1"
-report coconts "$root/coconts" "$root/methods/a/clm"
-"$python" scripts/results_page.py "$root" "$results" --keep "$KEEP" \
+# each part's `slm report` (ROOT/reports/<part>/) and the page, by the package (slm_cli/report/results.py)
+"$python" -m slm_cli.report.results "$root" "$results" --keep "$KEEP" \
   --command "STEPS=$STEPS SEEDS=\"$SEEDS\" scripts/reproduce_small.sh${extra[*]:+ ${extra[*]}}"
 echo "results: $results (reports in $root/reports)"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import re
 import sys
 
 from slm_cli import completion
+from slm_cli.arguments import rewrite
 
 # subcommand -> (module in slm_cli.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -42,59 +42,6 @@ examples:
 
 `slm <command> --help` shows the config groups and keys of that command.
 eval "$(slm -sc install=bash)" completes commands, groups, keys and values in bash."""
-
-
-# Commands whose bare arguments (neither `key=value` nor a flag) are paths: they become one list
-# override, e.g. `slm report a 'b/*'` -> `slm report runs=['a','b/*']`.
-POSITIONAL: dict[str, str] = {"report": "runs"}
-# Hydra's flags that take a value (which is not a path); --info/-i takes one only from this set.
-_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
-                     "--config-dir", "-cd", "--experimental-rerun"}
-_INFO_VALUES = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
-
-
-# Groups that a command's root config lists as `group: null`, so that `group=NAME` works: Hydra then
-# refuses `+group=NAME` ("Multiple values"), the spelling the docs have always shown; read it as
-# `group=NAME`.
-NULL_DEFAULT_GROUPS: dict[str, tuple[str, ...]] = {"train": ("experiment",)}
-
-
-def _is_override(arg: str) -> bool:
-    """`key=value` in Hydra's syntax (unless a path of that name exists)."""
-    return bool(re.match(r"^(\+\+|\+|~)?[\w.@/-]+=", arg)) and not os.path.exists(arg)
-
-
-def positional_to_override(args: list[str], key: str) -> list[str]:
-    """``args`` with its bare arguments gathered into one ``key=[...]`` override, each quoted so
-    that Hydra reads globs and odd characters literally."""
-    bare: list[str] = []
-    rest: list[str] = []
-    for arg in args:
-        previous = rest[-1] if rest else ""
-        flag_value = previous in _FLAGS_WITH_VALUE or (previous in ("--info", "-i") and arg in _INFO_VALUES)
-        if flag_value or arg.startswith("-") or _is_override(arg):
-            rest.append(arg)
-        else:
-            bare.append(arg)
-    if not bare:
-        return args
-    if any(re.match(rf"^(\+\+|\+)?{key}=", arg) for arg in rest):
-        raise ValueError(f"pass paths either as arguments or as {key}=[...], not both")
-    quoted = ",".join("'" + path.replace("'", "\\'") + "'" for path in bare)
-    return [*rest, f"{key}=[{quoted}]"]
-
-
-def plus_to_override(args: list[str], groups: tuple[str, ...]) -> list[str]:
-    """``args`` with ``+group=...`` read as ``group=...`` for each of ``groups``."""
-    plus = re.compile(rf"^\+(?=(?:{'|'.join(map(re.escape, groups))})=)") if groups else None
-    return [plus.sub("", arg) for arg in args] if plus else args
-
-
-def normalise(command: str, args: list[str]) -> list[str]:
-    """A command's arguments as its Hydra app takes them (ValueError for a contradiction)."""
-    if command in POSITIONAL:
-        args = positional_to_override(args, POSITIONAL[command])
-    return plus_to_override(args, NULL_DEFAULT_GROUPS.get(command, ()))
 
 
 def _usage() -> str:
@@ -136,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     request = completion.requested(argv)
     if request is not None:  # `slm [command] -sc ...`: the completion script or a query
         try:
-            argv = completion.respond(request, list(COMMANDS), normalise)
+            argv = completion.respond(request, list(COMMANDS))
         except ValueError as exc:
             print(f"slm: error: {exc}", file=sys.stderr)
             return 2
@@ -153,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Let every exception reach us instead of Hydra's multi-line report; we print one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    import slm_cli.commands
+    from slm_cli.commands import PROGRAM_ENV
     from slm_cli.errors import JobFailed
 
     module = importlib.import_module(f"slm_cli.commands.{COMMANDS[command][0]}")
-    slm_cli.commands.PROGRAM = sys.argv[0]
+    os.environ[PROGRAM_ENV] = sys.argv[0]  # how this process started, before sys.argv is Hydra's (below)
     try:
-        rest = normalise(command, rest)
+        rest = rewrite(command, rest)
     except ValueError as exc:
         print(f"slm {command}: error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig, open_dict
 
+from slm_cli.config import is_int, is_number
 from slm_cli.errors import SlmError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def resolve(cfg: DictConfig) -> Budget:
     gbs = data.get("global_batch_size")
     if gbs is not None:
         per_pass = micro * world
-        if not isinstance(gbs, int) or isinstance(gbs, bool) or gbs < 1 or gbs % per_pass:
+        if not is_int(gbs) or gbs < 1 or gbs % per_pass:
             raise SlmError(f"data.global_batch_size={gbs} is not a multiple of data.batch_size × devices × nodes = "
                            f"{micro} × {t.devices} × {t.num_nodes} = {per_pass}: choose a multiple of {per_pass}, "
                            "or change data.batch_size")
@@ -58,7 +59,7 @@ def resolve(cfg: DictConfig) -> Budget:
     max_steps = int(t.max_steps)
     max_tokens = t.get("max_tokens")
     if max_tokens is not None:
-        if not isinstance(max_tokens, int | float) or isinstance(max_tokens, bool) or max_tokens <= 0:
+        if not is_number(max_tokens) or max_tokens <= 0:
             raise SlmError(f"trainer.max_tokens={max_tokens} must be a positive number of tokens: e.g. "
                            "trainer.max_tokens=1e9, or null to train for trainer.max_steps")
         max_steps = math.ceil(max_tokens / tokens_per_step)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable
+
+from slm_cli.arguments import rewrite
 
 FLAGS = ("-sc", "--shell-completion")  # Hydra's spelling
 PROGRAM = "slm"  # the console script the completion is registered for
@@ -78,12 +79,12 @@ def split_line(line: str, point: str | None) -> tuple[list[str], str]:
     return (words[:-1], words[-1]) if words else ([], "")
 
 
-def respond(request: str, commands: list[str], normalise: Callable[[str, list[str]], list[str]]) -> list[str]:
+def respond(request: str, commands: list[str]) -> list[str]:
     """Answer ``slm ... -sc REQUEST``: print a script or the matching commands and return [], or
     return the arguments that run Hydra's query for the command on the line (set in ``COMP_LINE``).
 
-    ``normalise(command, args)`` is the dispatcher's own rewriting of a command's arguments, so that
-    Hydra composes the finished words the way `slm` would run them."""
+    The finished words are rewritten as the dispatcher rewrites them (slm_cli/arguments.py), so that
+    Hydra composes them the way `slm` would run them."""
     text = script(request)
     if text is not None:
         print(text)
@@ -99,7 +100,7 @@ def respond(request: str, commands: list[str], normalise: Callable[[str, list[st
     if command not in commands:
         return []
     with contextlib.suppress(ValueError):  # e.g. paths given both ways: complete the words as they are
-        args = normalise(command, args)
+        args = rewrite(command, args)
     # Hydra's query drops the line's first word (the program) and completes after its last space.
     os.environ["COMP_LINE"] = " ".join([PROGRAM, *args, partial])
     os.environ.pop("COMP_POINT", None)

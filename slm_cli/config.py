@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from slm_cli.errors import SlmError
 
-SCOPES = ("global", "local")  # selection.scope: see slm_cli/selection/scope.py
+SCOPES = ("micro_batch", "global_batch")  # trainer.selection_scope: see slm_cli/selection/scope.py
 # data.encoding_errors: what reading .txt/.jsonl files does with bytes that are not UTF-8 (the
 # `errors=` of Python's decode; see slm_cli/data/sources.py).
 ENCODING_ERRORS = ("strict", "replace", "ignore")
@@ -110,6 +110,9 @@ def check_trainer(trainer: DictConfig) -> None:
     for key in ("max_steps", "accumulate_grad_batches", "val_check_interval", "limit_val_batches",
                 "log_every_n_steps", "checkpoint_every_n_steps", "devices", "num_nodes"):
         positive_int(trainer, "trainer", key, f"pass a positive integer for trainer.{key}")
+    start = trainer.selection_start_step
+    _check(is_int(start) and start >= 0, "trainer.selection_start_step", start, "must be an integer >= 0",
+           "e.g. trainer.selection_start_step=100 (0: select from the first step)")
     _check(isinstance(trainer.compile, bool), "trainer.compile", trainer.compile, "must be true or false",
            "e.g. trainer.compile=true")
     _check(isinstance(trainer.export_at_end, bool), "trainer.export_at_end", trainer.export_at_end,
@@ -138,5 +141,19 @@ def check_train(cfg: DictConfig) -> None:
     check_trainer(cfg.trainer)
     check_loss(cfg.loss)
     _check(is_int(cfg.seed), "seed", cfg.seed, "must be an integer", "e.g. seed=1337")
-    _check(cfg.selection.scope in SCOPES, "selection.scope", cfg.selection.scope, "is not known",
-           f"use one of {', '.join(SCOPES)}")
+    scope = cfg.trainer.selection_scope
+    _check(scope in SCOPES, "trainer.selection_scope", scope, "is not known", f"use one of {', '.join(SCOPES)}")
+
+
+def build(component_cfg: DictConfig) -> Any:
+    """A strategy or target named by its YAML's `_target_`; its constructor checks its own values
+    and raises SlmError, which Hydra's wrapping would hide, so it is re-raised as itself."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(component_cfg)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, SlmError):
+            raise exc.__cause__ from None
+        raise

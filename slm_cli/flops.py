@@ -14,6 +14,12 @@ Selection (RHO-1, arXiv 2404.07965; ESLM, arXiv 2505.19893) trains on |S| of M t
   makes no kernel sparse); the head's forward is dense; its backward runs on the selected rows
   only, costing 2 head-forwards per row when the softmax is kept, 3 when it is recomputed.
 
+Instance-level selection (slm_cli/selection/instances.py) draws windows, scores each with an early
+exit (:func:`early_exit_flops_per_window`, counted in both accountings) and runs the full forward
+and backward only on the kept windows' tokens (``forward_tokens`` of :func:`step_flops`); the CLM
+equivalent stays every drawn token trained densely. That is the one saving of the trunk: a dropped
+window costs its early exit and nothing else.
+
 Throughput and MFU are measured elsewhere (Lightning's ThroughputMonitor) from these figures.
 """
 
@@ -52,16 +58,28 @@ class StepFlops:
     clm: float  # the same step trained on every token
 
 
+def early_exit_flops_per_window(cfg: GPTConfig, exit_layer: int, positions: int) -> int:
+    """Forward FLOPs of scoring one window by an early exit: the first ``exit_layer`` blocks on all
+    T = block_size positions (attention needs every earlier position), 2·12·d² + 4·T·d per token and
+    block (the forward third of :func:`flops_per_token`), then the tied head on ``positions`` of
+    them, 2·d·Vp each (the final LayerNorm is not a matmul)."""
+    d, T = cfg.n_embd, cfg.block_size
+    return T * exit_layer * (24 * d * d + 4 * T * d) + positions * head_flops_per_token(cfg)
+
+
 def step_flops(
     cfg: GPTConfig,
     tokens: int,
     selected: int,
     *,
+    forward_tokens: int | None = None,
     keep_probs: bool = True,
     extra_forward: float = 0.0,
     scoring_pass: bool = False,
+    early_exit: float = 0.0,
 ) -> StepFlops:
-    """FLOPs of one step over ``tokens`` tokens of which ``selected`` carry loss weight.
+    """FLOPs of one step that draws ``tokens`` tokens, runs ``forward_tokens`` of them (all by
+    default) through the full forward and backward, and trains ``selected`` of those.
 
     ``extra_forward`` is any additional forward work (an online reference model: 2·N_ref per token;
     a teacher's forward), counted in both nominal and realized. ``keep_probs`` matches
@@ -69,21 +87,25 @@ def step_flops(
     the softmax is kept, 3 when the logits are recomputed. With every token selected and
     ``keep_probs``, realized equals clm exactly.
 
+    ``early_exit``: the step's instance-selection scoring (:func:`early_exit_flops_per_window` per
+    drawn window), a forward the method itself runs, so counted in both accountings.
     ``scoring_pass``: the step ran the model forward once more, without gradients, to score the
-    whole global batch before selecting (selection.scope=global with gradient accumulation,
-    slm_cli/module.py). That is a cost of executing on split batches, not of the method, so it
-    counts in realized only.
+    whole global batch before selecting (trainer.selection_scope=global_batch with gradient
+    accumulation, slm_cli/selection/scope.py). That is a cost of executing on split batches, not of
+    the method, so it counts in realized only.
     """
     F = flops_per_token(cfg)
     head = head_flops_per_token(cfg)
     head_backward = 2 if keep_probs else 3
+    trained = tokens if forward_tokens is None else forward_tokens
     return StepFlops(
-        nominal=tokens * F / 3 + selected * 2 * F / 3 + extra_forward,
-        realized=tokens * (F - 3 * head)  # trunk forward + backward, dense
-        + tokens * head  # head forward (token_stats), dense
+        nominal=trained * F / 3 + selected * 2 * F / 3 + extra_forward + early_exit,
+        realized=trained * (F - 3 * head)  # trunk forward + backward, dense
+        + trained * head  # head forward (token_stats), dense
         + selected * head_backward * head  # head backward on the selected rows
         + extra_forward
-        + (tokens * F / 3 if scoring_pass else 0.0),
+        + early_exit
+        + (trained * F / 3 if scoring_pass else 0.0),
         clm=float(tokens * F),
     )
 

@@ -183,6 +183,7 @@ def model_token_stats(
     chunk_size: int = 1024,
     workspace: Workspace | None = None,
     exit_layer: int | None = None,
+    positions: Tensor | None = None,
 ) -> TokenStats:
     """Per-token statistics of an slm GPT on (B, T) ``input_ids`` and ``labels``: flat (B·T,)
     loss, lse and optionally entropy, without a graph and without keeping the log-softmax.
@@ -191,10 +192,13 @@ def model_token_stats(
     runs the model for statistics: the head runs inside the model's forward (so FSDP gathers the
     tied weight), chunked, and no (B, T, Vp) logits tensor exists. ``exit_layer`` stops the trunk
     after that many blocks (an early exit through the final LayerNorm and the tied head,
-    :meth:`slm_cli.model.gpt.GPT.forward`)."""
+    :meth:`slm_cli.model.gpt.GPT.forward`); ``positions`` (P,) runs the head on those positions of
+    every window only, giving flat (B·P,) statistics in window-major order."""
+    y = labels if positions is None else labels[:, positions]
 
     def head(hidden: Tensor, weight: Tensor) -> TokenStats:
-        return token_stats(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk_size=chunk_size,
+        h = hidden if positions is None else hidden[:, positions]
+        return token_stats(h.reshape(-1, h.shape[-1]), weight, y.reshape(-1), chunk_size=chunk_size,
                            entropy=entropy, keep_probs=False, workspace=workspace)
 
     if exit_layer is None:

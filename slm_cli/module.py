@@ -1,16 +1,18 @@
-"""The LightningModule: wires model, loss, selection and FLOPs accounting; owns no formula.
+"""The LightningModule: wires model, loss, selection and accounting; owns no formula.
 
 One optimizer step per batch: the batch holds `accumulate_grad_batches` micro-batches of
-`data.batch_size` windows, and training_step runs them itself (manual optimization). Doing the
-accumulation here, rather than in Lightning, keeps every micro-batch of a step in one place, which
-is where a selection over the whole step belongs.
+`data.batch_size` windows, and training_step runs them itself (manual optimization), in three
+parts as torchtitan's train loop: :meth:`forward_backward` (one micro-batch: instance selection,
+forward, token selection, backward), :meth:`optimizer_step` (clip, divergence check, step) and
+:meth:`account` (counters, FLOPs and logs, slm_cli/accounting.py).
 
-Where the strategy selects (selection.scope: the global batch or one micro-batch) is planned by
-slm_cli/selection/scope.py; this module only runs the micro-batches through it.
+Where the strategy selects (trainer.selection_scope: each micro-batch, or the global batch) is
+slm_cli/selection/scope.py's; this module only hands it each micro-batch's features.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -21,29 +23,36 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from slm_cli import distributed, flops, optim
+from slm_cli import distributed, optim
+from slm_cli.accounting import Counters, MicroResult, step_cost, step_counts, step_metrics
 from slm_cli.errors import SlmError
-from slm_cli.loss import Workspace, perplexity, token_stats, weighted_loss
+from slm_cli.loss import Workspace, model_token_stats, perplexity, token_stats, weighted_loss
 from slm_cli.model.gpt import GPT, GPTConfig
+from slm_cli.selection import instances
 from slm_cli.selection.base import Selection
-from slm_cli.selection.scope import Devices, Planner, StepSelection
+from slm_cli.selection.clm import CLM
+from slm_cli.selection.scope import Devices, MicroBatch, Scope, build_scope
 from slm_cli.target.base import Target
 from slm_cli.target.onehot import OneHot
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-COUNTERS = ("train_tokens", "selected_tokens", "flops_nominal", "flops_realized", "flops_clm")
 
 
 @dataclass
-class MicroOutput:
-    """What the LM head reports for one micro-batch, beside its differentiable loss."""
+class Phase:
+    """What selects during a step: the strategy, its scope, and the positions its early exit reads
+    (None without instance selection)."""
 
-    token_loss: Tensor  # (M,) per-token CE, detached (logged as train/loss_all)
-    selected: Tensor  # () number of this micro-batch's tokens with nonzero weight
-    features: dict[str, Tensor]  # the strategy's features: this micro-batch's (local scope) or the global batch's
-    metrics: dict[str, float]
+    selection: Selection
+    scope: Scope
+    positions: Tensor | None
+
+    @classmethod
+    def of(cls, selection: Selection, scope: str, accumulate: int, model: GPTConfig) -> Phase:
+        return cls(selection, build_scope(scope, selection, accumulate),
+                   instances.exit_positions(selection, model.block_size))
 
 
 class SLMModule(L.LightningModule):
@@ -54,7 +63,8 @@ class SLMModule(L.LightningModule):
         selection: Selection,
         *,
         target: Target | None = None,
-        scope: str = "global",
+        scope: str = "micro_batch",
+        selection_start_step: int = 0,
         max_steps: int,
         accumulate_grad_batches: int = 1,
         chunk_size: int = 1024,
@@ -69,9 +79,13 @@ class SLMModule(L.LightningModule):
         self.model = GPT(model)
         self.optim_cfg = optim_cfg
         self.selection = selection
+        selection.configure(model)
         self.target = target or OneHot()
-        self.scope = scope
-        self.planner = Planner(selection, scope, accumulate_grad_batches, chunk_size)
+        # A warm start trains every token (CLM) before trainer.selection_start_step, the strategy after.
+        self.selection_start_step = selection_start_step
+        self.phases = {"warm_up": Phase.of(CLM(), MicroBatch.name, accumulate_grad_batches, model),
+                       "selection": Phase.of(selection, scope, accumulate_grad_batches, model)}
+        self.phase = self.phases["selection"]
         self.max_steps = max_steps
         self.accumulate = accumulate_grad_batches
         self.chunk_size = chunk_size
@@ -81,7 +95,7 @@ class SLMModule(L.LightningModule):
         self.compile = compile
         self.tokenizer_json = tokenizer_json
         self.run_config = run_config or {}
-        self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
+        self.counters = Counters()
         self.flops_per_batch = 0.0  # read by lightning's ThroughputMonitor (realised FLOPs)
         self.train_seconds = 0.0  # time in training steps during this process (not restored)
         self.tokens_this_run = 0
@@ -104,118 +118,95 @@ class SLMModule(L.LightningModule):
         if self.compile:
             distributed.compile_blocks(self.model)
 
-    # ---- training -------------------------------------------------------------------------
-    def _head(self, labels: Tensor, batch: dict[str, Tensor], planned: StepSelection | None, index: int):
-        """The loss as a head callable: GPT.forward hands it the final hidden states and the tied
-        LM-head weight, so no B×T×V logits tensor is built outside the chunked loss.
-
-        The selection comes from ``planned`` (made over the global batch before this pass), or is
-        made here: over every device's copy of this micro-batch (scope=global, one micro-batch per
-        step), or over this micro-batch alone (scope=local).
-        """
-
-        def head(hidden: Tensor, weight: Tensor) -> tuple[Tensor, MicroOutput]:
-            h = hidden.reshape(-1, hidden.shape[-1])
-            y = labels.reshape(-1)
-            stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
-                                entropy=self.selection.needs_entropy, keep_probs=self.keep_probs,
-                                workspace=self.workspace)
-            loss_all = stats.loss  # read before weighted_loss, which takes over the kept softmax
-            plan, part = planned, index
-            if plan is None:  # select now, on this micro-batch's features
-                features = self.selection.features(stats, batch)
-                plan = self.planner.select(features, self._devices())
-                part = 0
-            mask = plan.masks[part]
-            scale = plan.scale
-            weights = mask.to(torch.float32) * scale
-            loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
-                                 chunk_size=self.chunk_size, workspace=self.workspace)
-            # A tuple, not a dataclass, so that FSDP2 finds the loss tensor in the output and hooks
-            # its backward (it looks through tuples, not through arbitrary objects).
-            return loss, MicroOutput(token_loss=loss_all, selected=mask.sum(), features=plan.features,
-                                     metrics=plan.metrics)
-
-        return head
-
-    def _devices(self) -> Devices:
-        return Devices(self.trainer.global_rank, self.trainer.world_size, self.all_gather)
-
+    # ---- training: one step = micro-batches' forward and backward, the optimizer step, accounting --
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         t0 = time.perf_counter()
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
+        devices = self._devices()
+        self.phase = self.phases["warm_up" if self.global_step < self.selection_start_step else "selection"]
         micro = [dict(zip(batch, parts, strict=True))
                  for parts in zip(*(v.chunk(self.accumulate) for v in batch.values()), strict=True)]
-        rescored = self.planner.needs_scoring_pass(len(micro))
-        planned = self.planner.plan(self.model, micro, self._devices()) if self.planner.plans_ahead(len(micro)) else None
-        loss_sum = torch.zeros((), device=self.device)
-        loss_all_sum = torch.zeros((), device=self.device)
-        n_tokens = torch.zeros((), device=self.device)
-        n_selected = torch.zeros((), device=self.device)
-        local_features: list[dict[str, Tensor]] = []
-        out: MicroOutput | None = None
+        self.phase.scope.start_step(self.model, micro, devices, self.chunk_size)
+        results = []
         for k, mb in enumerate(micro):
             with distributed.gradient_sync(self.trainer, self.model, enabled=k == len(micro) - 1):
-                loss, out = self.model(mb["input_ids"], head=self._head(mb["labels"], mb, planned, k))
-                self.manual_backward(loss)
-            loss_sum += loss.detach()
-            loss_all_sum += out.token_loss.sum()
-            n_tokens += out.token_loss.numel()
-            n_selected += out.selected
-            local_features.append(out.features)
-        assert out is not None
-        sel_metrics = dict(out.metrics)
+                results.append(self.forward_backward(mb, k, devices))
         # Adaptive state (Ada-ESLM's α) follows the whole global batch, the same on every device.
-        if self.scope == "global":
-            step_features = out.features  # the global batch's, gathered for the selection
-        else:
-            step_features = self.planner.gather({k: torch.cat([f[k] for f in local_features]) for k in local_features[0]},
-                                                self._devices())
-        sel_metrics.update(self.selection.update(step_features))
+        adapted = self.phase.selection.update(self.phase.scope.step_features([r.features for r in results], devices))
+        grad_norm, lr = self.optimizer_step(torch.stack([r.loss for r in results]).sum())
+        self.account(results, grad_norm, lr, adapted)
+        self.train_seconds += time.perf_counter() - t0
+
+    def forward_backward(self, batch: dict[str, Tensor], index: int, devices: Devices) -> MicroResult:
+        """One micro-batch: the windows kept by instance selection (all without it) run forward;
+        the head selects tokens and builds the weighted loss; then the backward."""
+        drawn = batch["labels"].numel()
+        window_metrics: dict[str, float] = {}
+        selection, positions = self.phase.selection, self.phase.positions
+        if positions is not None:
+            features = instances.window_features(self.model, batch, selection, positions, chunk_size=self.chunk_size,
+                                                 workspace=self.workspace)
+            kept = selection.select_windows(features)
+            batch, window_metrics = instances.keep_windows(batch, kept), kept.metrics
+        head = functools.partial(self.selective_loss, batch=batch, index=index, devices=devices)
+        loss, result = self.model(batch["input_ids"], head=head)
+        self.manual_backward(loss)
+        result.drawn = drawn
+        result.metrics.update(window_metrics)
+        return result
+
+    def selective_loss(self, hidden: Tensor, weight: Tensor, *, batch: dict[str, Tensor], index: int,
+                       devices: Devices) -> tuple[Tensor, MicroResult]:
+        """The LM head of one micro-batch (GPT.forward hands it the final hidden states and the tied
+        weight, so no B×T×V logits exist outside the chunked loss): per-token statistics, the
+        scope's selection, and the loss weighted on the selected tokens."""
+        h = hidden.reshape(-1, hidden.shape[-1])
+        y = batch["labels"].reshape(-1)
+        selection, scope = self.phase.selection, self.phase.scope
+        stats = token_stats(h.detach(), weight.detach(), y, chunk_size=self.chunk_size,
+                            entropy=selection.needs_entropy, keep_probs=self.keep_probs, workspace=self.workspace)
+        token_loss = stats.loss  # read before weighted_loss, which takes over the kept softmax
+        features = selection.features(stats, batch)
+        choice = scope.choose(index, features, devices)
+        weights = choice.mask.to(torch.float32) * choice.scale
+        loss = weighted_loss(h, weight, y, weights, stats, targets=self.target.targets(batch),
+                             chunk_size=self.chunk_size, workspace=self.workspace)
+        # A tuple, not a dataclass, so that FSDP2 finds the loss tensor in the output and hooks
+        # its backward (it looks through tuples, not through arbitrary objects).
+        return loss, MicroResult(loss=loss.detach(), token_loss=token_loss, drawn=y.numel(),
+                                 selected=choice.mask.sum(), features=features, metrics=dict(choice.metrics))
+
+    def optimizer_step(self, loss: Tensor) -> tuple[Tensor, float]:
+        """Clip, stop before an update that is not finite (one host sync per step, so checkpoints
+        stay finite), step the optimizer and the schedule. Returns the gradient norm and the lr used."""
+        opt, sched = self.optimizers(), self.lr_schedulers()
         grad_norm = optim.clip(list(self.model.parameters()), self.optim_cfg.grad_clip)
-        # One host sync per step: stop before the update, so checkpoints stay finite.
-        if not torch.isfinite(loss_sum + grad_norm):
-            what = (f"training loss became {loss_sum.item()}" if not torch.isfinite(loss_sum)
+        if not torch.isfinite(loss + grad_norm):
+            what = (f"training loss became {loss.item()}" if not torch.isfinite(loss)
                     else f"gradient norm became {grad_norm.item()}")
             raise SlmError(self._diverged(what))
         opt.step()
         opt.zero_grad(set_to_none=True)
         lr = sched.get_last_lr()[0]
         sched.step()
+        return grad_norm, lr
 
-        # Global counts (summed over data-parallel ranks) so counters and FLOPs describe the run.
-        counts = self.trainer.strategy.reduce(torch.stack([n_tokens, n_selected, loss_all_sum, loss_sum]),
-                                              reduce_op="sum")
-        tokens, selected = int(counts[0]), int(counts[1])
-        step = flops.step_flops(self.model_config, tokens, selected, keep_probs=self.keep_probs,
-                                extra_forward=self.selection.extra_forward_flops(tokens)
-                                + self.target.extra_forward_flops(tokens), scoring_pass=rescored)
-        self.flops_per_batch = step.realized / self.trainer.world_size
-        self.counters["train_tokens"] += tokens
-        self.counters["selected_tokens"] += selected
-        self.counters["flops_nominal"] += step.nominal
-        self.counters["flops_realized"] += step.realized
-        self.counters["flops_clm"] += step.clm
+    def account(self, results: list[MicroResult], grad_norm: Tensor, lr: float, adapted: dict[str, float]) -> None:
+        """Counters and FLOPs from the step's counts summed over devices (so they describe the run,
+        not one device), and the step's logs."""
+        world = self.trainer.world_size
+        counts = step_counts(results, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"), world)
+        step = step_cost(self.model_config, self.phase.selection, self.target, self.phase.scope,
+                         keep_probs=self.keep_probs, tokens=counts.tokens, forward_tokens=counts.forward_tokens,
+                         selected=counts.selected)
+        self.flops_per_batch = step.realized / world
+        self.counters.add(counts, step)
+        metrics = step_metrics(counts, self.counters, grad_norm, lr, adapted, windows=self.phase.positions is not None)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=counts.tokens)
+        self.log("train/loss", counts.loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=counts.tokens)
+        self.tokens_this_run += counts.tokens
 
-        # Each device's loss_sum is its share of the step's loss (global scope: Σ over its selected
-        # tokens × world/|S|; local: its micro-batch means / accumulate): the mean over devices is
-        # the step's loss.
-        train_loss = counts[3] / self.trainer.world_size
-        metrics = {
-            "train/loss_all": counts[2] / counts[0],
-            "train/selected_frac": selected / tokens,
-            "train/grad_norm": grad_norm,
-            "lr": lr,
-            "flops/nominal": self.counters["flops_nominal"],
-            "flops/realized": self.counters["flops_realized"],
-            "flops/saved_frac": flops.saved_frac(self.counters["flops_nominal"], self.counters["flops_clm"]),
-        }
-        metrics.update({f"selection/{k}": v for k, v in sel_metrics.items()})
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=tokens)
-        self.log("train/loss", train_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=tokens)
-        self.tokens_this_run += tokens
-        self.train_seconds += time.perf_counter() - t0
+    def _devices(self) -> Devices:
+        return Devices(self.trainer.global_rank, self.trainer.world_size, self.all_gather)
 
     def _diverged(self, what: str) -> str:
         callback = self.trainer.checkpoint_callback
@@ -230,21 +221,17 @@ class SLMModule(L.LightningModule):
         self.val_sources = list(getattr(getattr(self.trainer, "datamodule", None), "source_names", None) or [])
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        def head(hidden: Tensor, weight: Tensor) -> Tensor:
-            h = hidden.reshape(-1, hidden.shape[-1])
-            stats = token_stats(h, weight, batch["labels"].reshape(-1), chunk_size=self.chunk_size,
-                                keep_probs=False, workspace=self.workspace)
-            # Padding windows (ShardSampler, so every device runs as many batches) weigh 0.
-            w = batch["weight"].double()
-            loss = (stats.loss.double().view(w.shape[0], -1) * w[:, None]).sum(1)
-            # (loss sum, token count) per source of a mixture (a single column for one corpus).
-            source = batch.get("source", torch.zeros_like(w, dtype=torch.long))
-            sums = torch.zeros(2, max(len(self.val_sources), 1), dtype=torch.float64, device=w.device)
-            sums[0].index_add_(0, source, loss)
-            sums[1].index_add_(0, source, w * batch["labels"].shape[1])
-            return sums
-
-        self._val_sums.append(self.model(batch["input_ids"], head=head))
+        stats = model_token_stats(self.model, batch["input_ids"], batch["labels"], chunk_size=self.chunk_size,
+                                  workspace=self.workspace)
+        # Padding windows (ShardSampler, so every device runs as many batches) weigh 0.
+        w = batch["weight"].double()
+        loss = (stats.loss.double().view(w.shape[0], -1) * w[:, None]).sum(1)
+        # (loss sum, token count) per source of a mixture (a single column for one corpus).
+        source = batch.get("source", torch.zeros_like(w, dtype=torch.long))
+        sums = torch.zeros(2, max(len(self.val_sources), 1), dtype=torch.float64, device=w.device)
+        sums[0].index_add_(0, source, loss)
+        sums[1].index_add_(0, source, w * batch["labels"].shape[1])
+        self._val_sums.append(sums)
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_sums:
@@ -271,7 +258,7 @@ class SLMModule(L.LightningModule):
             "format_version": CHECKPOINT_FORMAT,
             "model": asdict(self.model_config),
             "tokenizer_json": self.tokenizer_json,
-            "counters": dict(self.counters),
+            "counters": self.counters.state_dict(),
             "selection": {"name": self.selection.name, "state": self.selection.state_dict()},
             "torch_rng": torch.get_rng_state(),
             "val_loss": self.val_loss,
@@ -280,7 +267,7 @@ class SLMModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["slm"]
-        self.counters.update(state["counters"])
+        self.counters.load_state_dict(state["counters"])
         saved = state["selection"]
         if saved["name"] == self.selection.name:
             self.selection.load_state_dict(saved["state"])

@@ -57,15 +57,18 @@ def is_sharded_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / SHARDED_META).is_file()
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, tensors: bool = True) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, tensors: bool = True,
+                    key: str = "ckpt_path") -> dict[str, Any]:
     """Load an slm checkpoint with ``weights_only=True`` (tensors and plain containers only).
 
     ``tensors=False`` asks only for the non-tensor part (the ``slm`` entry, the step): a sharded
-    checkpoint then reads its meta.pt alone instead of consolidating every shard.
+    checkpoint then reads its meta.pt alone instead of consolidating every shard. ``key`` is the
+    setting that named the checkpoint (``init_from``, ``target.teacher``...): the errors name it.
     """
     path = Path(path)
     if not path.exists():
-        raise SlmError(f"checkpoint {path} does not exist: pass ckpt_path=<run>/checkpoints/last.ckpt")
+        raise SlmError(f"{key}={path} does not exist: pass {key}=<an existing checkpoint, e.g. "
+                       "<run>/checkpoints/last.ckpt>")
     try:
         if path.is_dir() and not tensors:
             ckpt = {"state_dict": {}, **torch.load(path / SHARDED_META, map_location=map_location, weights_only=True)}
@@ -75,10 +78,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu", *, tenso
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated, not a torch file, or holds arbitrary objects
         reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
-        raise SlmError(f"checkpoint {path} is corrupt or not an slm checkpoint ({reason}): "
-                       "pass another checkpoint, e.g. the run's checkpoints/last.ckpt") from exc
+        raise SlmError(f"{key}: checkpoint {path} is corrupt or not an slm checkpoint ({reason}): "
+                       f"pass another {key}, e.g. a run's checkpoints/last.ckpt") from exc
     if not isinstance(ckpt, dict) or "slm" not in ckpt or "state_dict" not in ckpt:
-        raise SlmError(f"checkpoint {path} was not written by `slm train`: pass a checkpoint from an slm run dir")
+        raise SlmError(f"{key}: checkpoint {path} was not written by `slm train`: pass another {key}, a "
+                       "checkpoint from an slm run dir")
     return ckpt
 
 

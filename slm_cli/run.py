@@ -15,10 +15,10 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from slm_cli import estimate, flops
+from slm_cli import estimate
 from slm_cli.budget import Budget, resolve_hardware
 from slm_cli.budget import apply as apply_budget
-from slm_cli.config import check_train
+from slm_cli.config import build, check_train, positive_int_or_null
 from slm_cli.data.module import SLMDataModule
 from slm_cli.data.prepare import prepare
 from slm_cli.data.prepared import PreparedData
@@ -32,6 +32,7 @@ from slm_cli.model.load import init_weights
 from slm_cli.module import SLMModule
 from slm_cli.outputs import load_checkpoint, write_json
 from slm_cli.selection.base import Selection
+from slm_cli.summary import RunSummary
 from slm_cli.target.base import Target
 from slm_cli.trainer import build_trainer, finish_loggers
 
@@ -57,33 +58,16 @@ def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, p
     """A checkpoint resumes only with the model and tokenizer it was trained with."""
     from dataclasses import asdict
 
-    from slm_cli.data.tokenizer import load_tokenizer, tokenizer_sha256
+    from slm_cli.model.load import TokenizerId, check_tokenizer
 
     saved = ckpt["slm"]["model"]
     diff = {k: (saved.get(k), v) for k, v in asdict(gpt).items() if saved.get(k) != v}
     if diff:
         pairs = ", ".join(f"model.{k}={new} (checkpoint: {old})" for k, (old, new) in diff.items())
-        raise SlmError(f"checkpoint {path} does not match this model: {pairs}: pass the checkpoint's model "
+        raise SlmError(f"ckpt_path={path} does not match this model: {pairs}: pass the checkpoint's model "
                        "settings, or start a new run without ckpt_path")
-    from tokenizers import Tokenizer
-
-    ckpt_sha = tokenizer_sha256(Tokenizer.from_str(ckpt["slm"]["tokenizer_json"]))
-    data_sha = tokenizer_sha256(load_tokenizer(str(prepared.tokenizer_path)))
-    if ckpt_sha != data_sha:
-        raise SlmError(f"checkpoint {path} was trained with another tokenizer than {prepared.dir}: "
-                       f"prepare the data with data.tokenizer={path}")
-
-
-def build(component_cfg: DictConfig) -> Any:
-    """A strategy or target named by its YAML's `_target_`; its constructor checks its own values."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(component_cfg)
-    except InstantiationException as exc:  # Hydra wraps the constructor's error; report that one
-        if isinstance(exc.__cause__, SlmError):
-            raise exc.__cause__ from None
-        raise
+    check_tokenizer(TokenizerId.of_json(ckpt["slm"]["tokenizer_json"], f"ckpt_path={path}"),
+                    TokenizerId.of_data(prepared), key="ckpt_path", spec=path)
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -112,7 +96,9 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
     budget = resolve_config(cfg)
     vocab, source = estimate.vocab_size(cfg)
     gpt = gpt_config(cfg, vocab)
-    figures = estimate.make(cfg, gpt, budget)
+    # The strategy and target as training builds them: what they keep, and any model they run
+    # (an online reference, a KD teacher), is counted from them.
+    figures = estimate.make(cfg, gpt, budget, build(cfg.selection), build(cfg.target))
     print(f"plan (vocabulary from {source}):\n{estimate.describe(figures, cfg)}")
     capacity, what = estimate.device_memory(cfg.trainer.accelerator)
     verdict = "fits" if figures["memory_total"] <= capacity else "does NOT fit"
@@ -128,8 +114,11 @@ def setup(
 ) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
     budget = resolve_config(cfg)
+    selection: Selection = build(cfg.selection)
+    target: Target = build(cfg.target)
     # Memory first, from the configured vocabulary: a run that cannot fit stops before preparing data.
-    estimate.check_fits(estimate.make(cfg, gpt_config(cfg, estimate.vocab_size(cfg)[0]), budget), cfg)
+    gpt = gpt_config(cfg, estimate.vocab_size(cfg)[0])
+    estimate.check_fits(estimate.make(cfg, gpt, budget, selection, target), cfg)
     resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
@@ -142,11 +131,9 @@ def setup(
     del resume
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    # selection.scope belongs to the training loop, not to the strategy (docs/scaling.md).
-    selection: Selection = build(OmegaConf.masked_copy(cfg.selection, [k for k in cfg.selection if k != "scope"]))
-    target: Target = build(cfg.target)
     module = SLMModule(
-        gpt, cfg.optim, selection, target=target, scope=cfg.selection.scope, max_steps=cfg.trainer.max_steps,
+        gpt, cfg.optim, selection, target=target, scope=cfg.trainer.selection_scope,
+        selection_start_step=cfg.trainer.selection_start_step, max_steps=cfg.trainer.max_steps,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, chunk_size=cfg.loss.chunk_size,
         keep_probs=cfg.loss.keep_probs, compile=cfg.trainer.compile, tokenizer_json=prepared.tokenizer_path.read_text(),
         run_config=OmegaConf.to_container(cfg, resolve=True),
@@ -162,10 +149,22 @@ def setup(
         prepared, block_size=gpt.block_size, batch_size=cfg.data.batch_size, seed=cfg.seed,
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, num_workers=cfg.data.num_workers,
         val_batches=cfg.trainer.limit_val_batches, token_arrays=token_arrays,
-        window_grid=selection.window_grid(gpt.block_size),
+        window_grid=window_grid(selection, cfg.data.get("window_grid"), gpt.block_size),
     )
     trainer = build_trainer(cfg, run_dir, resume_step=resume_step)
     return trainer, module, datamodule, selection, prepared
+
+
+def window_grid(selection: Selection, configured: int | None, block_size: int) -> int | None:
+    """Where training windows may start: the strategy's grid (RHO-1's precomputed scores), else
+    data.window_grid (the same grid for a baseline), else anywhere."""
+    required = selection.window_grid(block_size)
+    if configured is not None:
+        configured = positive_int_or_null("data.window_grid", configured, example=block_size)
+        if required is not None and configured != required:
+            raise SlmError(f"data.window_grid={configured} but selection={selection.name} trains on the grid of its "
+                           f"scores ({required} tokens): set data.window_grid={required} or null")
+    return required or configured
 
 
 def check_target_memory(target: Target, rows: int, limit_mb: int) -> None:
@@ -205,46 +204,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(last, weights_only=False)  # the full state, so the run can be extended
 
-    c = module.counters
-    summary = {
-        "steps": trainer.global_step,
-        "train_tokens": int(c["train_tokens"]),
-        "selected_tokens": int(c["selected_tokens"]),
-        "val_loss": module.val_loss,
-        "val_ppl": perplexity(module.val_loss),
-        # A mixture's validation loss per source (data=mix); {} for one corpus.
-        "val_sources": module.val_source_losses,
-        # One vocabulary with the code and the logs (flops/nominal, flops/realized): nominal is the
-        # papers' accounting, realized what slm executes, clm the same tokens trained densely.
-        "flops_nominal": c["flops_nominal"],
-        "flops_realized": c["flops_realized"],
-        "flops_clm": c["flops_clm"],
-        "flops_saved_frac_nominal": flops.saved_frac(c["flops_nominal"], c["flops_clm"]),
-        "flops_saved_frac_realized": flops.saved_frac(c["flops_realized"], c["flops_clm"]),
-        # RHO-1's offline reference scoring (slm score), spent once over the whole corpus; the
-        # second fraction charges it to this run, so RHO-1 compares with ESLM on one basis.
-        "flops_reference_scoring": selection.scoring_flops(),
-        "flops_saved_frac_nominal_incl_scoring": flops.saved_frac(c["flops_nominal"] + selection.scoring_flops(),
-                                                                  c["flops_clm"]),
-        # Earlier names of the same figures, kept so that existing analysis scripts keep working.
-        "flops_total": c["flops_realized"],
-        "flops_clm_equivalent": c["flops_clm"],
-        "flops_saved_frac": flops.saved_frac(c["flops_nominal"], c["flops_clm"]),
-        "train_tokens_per_s": module.tokens_this_run / module.train_seconds if module.train_seconds else 0.0,
-        "wall_s": time.perf_counter() - t_start,
-        "selection": selection.name,
-        "target": module.target.name,
-        "model": cfg.model.name,
-        "params": module.model.num_params(),
-        "data": str(prepared.dir),
-        "checkpoint": str(last),
-    }
+    summary = RunSummary.from_run(
+        module.counters.state_dict(), selection.scoring_flops(), steps=trainer.global_step, val_loss=module.val_loss,
+        val_ppl=perplexity(module.val_loss), val_sources=module.val_source_losses,
+        train_tokens_per_s=module.tokens_this_run / module.train_seconds if module.train_seconds else 0.0,
+        wall_s=time.perf_counter() - t_start, selection=selection.name, target=module.target.name,
+        model=cfg.model.name, params=module.model.num_params(), data=str(prepared.dir), checkpoint=str(last))
     if trainer.is_global_zero:
-        write_json(run_dir / "summary.json", summary)
+        summary.write(run_dir)
         if cfg.trainer.export_at_end:
             log.info(f"exported the final model to {export(last, run_dir / 'hf', replace=True)}")
-        print(f"run: {run_dir}\nval_loss {summary['val_loss']:.4f}  val_ppl {summary['val_ppl']:.2f}  "
-              f"steps {summary['steps']}  tokens {summary['train_tokens']}  "
-              f"{summary['train_tokens_per_s']:.0f} tokens/s  wall {summary['wall_s']:.0f}s")
+        print(f"run: {run_dir}\nval_loss {summary.val_loss:.4f}  val_ppl {summary.val_ppl:.2f}  "
+              f"steps {summary.steps}  tokens {summary.train_tokens}  "
+              f"FLOPs saved {summary.flops_saved_frac_realized:.1%} realised "
+              f"({summary.flops_saved_frac_nominal:.1%} nominal)  "
+              f"{summary.train_tokens_per_s:.0f} tokens/s  wall {summary.wall_s:.0f}s")
     finish_loggers(trainer)
-    return summary
+    return summary.to_dict()

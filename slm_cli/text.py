@@ -6,10 +6,10 @@ import re
 
 
 def slug(name: str, fallback: str) -> str:
-    """``name`` as a folder name: runs of characters other than letters, digits, '.', '_' and '-'
-    become one '_', and leading or trailing '.', '_', '-' go (no hidden folders); ``fallback``
-    when nothing is left."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-") or fallback
+    """``name`` as a folder name: each run of characters other than letters, digits, '.' and '-'
+    becomes one '_' (so "a b", "a_b" and "a**_b" all give "a_b"), and leading or trailing '.', '_'
+    and '-' go (no hidden folders); ``fallback`` when nothing is left."""
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", str(name)).strip("._-") or fallback
 
 
 def duration(seconds: float) -> str:

@@ -83,7 +83,8 @@ class TrainThroughput(ThroughputMonitor):
 
 # conf/trainer keys that slm reads itself; every other key is a lightning.Trainer argument.
 SLM_KEYS = frozenset({"max_tokens", "accumulate_grad_batches", "checkpoint_every_n_steps", "compile",
-                      "limit_val_batches", "export_at_end", "check_memory"})
+                      "limit_val_batches", "export_at_end", "check_memory", "selection_scope",
+                      "selection_start_step"})
 # Lightning arguments that build_trainer sets itself: from conf/trainer (PASSED) or fixed (OWNED).
 PASSED = frozenset({"accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps", "val_check_interval",
                     "log_every_n_steps", "enable_progress_bar", "deterministic"})

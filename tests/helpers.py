@@ -59,3 +59,30 @@ def float64_token_stats(ckpt_path: Path, input_ids, labels):  # type: ignore[no-
         entropy = -(F.softmax(flat, -1) * F.log_softmax(flat, -1)).sum(-1)
     shape = np.asarray(labels).shape
     return loss.reshape(shape).numpy(), entropy.reshape(shape).numpy()
+
+
+def select_as_training(strategy, stats, batch, accumulate: int = 1):  # type: ignore[no-untyped-def]
+    """One micro-batch's selection made as the training step makes it on one device
+    (slm_cli/selection/scope.py, the default micro_batch scope), then the step's update of an
+    adaptive strategy: a Selected with the mask and every logged metric."""
+    from slm_cli.selection.base import Selected
+    from slm_cli.selection.scope import ONE_DEVICE, build_scope
+
+    scope = build_scope("micro_batch", strategy, accumulate)
+    features = strategy.features(stats, batch)
+    choice = scope.choose(0, features, ONE_DEVICE)
+    adapted = strategy.update(scope.step_features([features], ONE_DEVICE))
+    return Selected(mask=choice.mask, metrics={**choice.metrics, **adapted})
+
+
+# summary.json keys as runs wrote them before the FLOPs figures were renamed (today's -> earlier).
+EARLIER_KEYS = {"flops_realized": "flops_total", "flops_clm": "flops_clm_equivalent",
+                "flops_saved_frac_nominal": "flops_saved_frac"}
+EARLIEST_OTHER_KEYS = {"steps", "train_tokens", "selected_tokens", "val_loss", "val_ppl", "train_tokens_per_s",
+                       "wall_s", "selection", "model", "params", "data", "checkpoint"}
+
+
+def earlier_summary(summary: dict) -> dict:
+    """A summary.json as the oldest runs left it: the FLOPs under their earlier names, without
+    flops_nominal, the realised saved fraction or any key added since."""
+    return {EARLIER_KEYS.get(k, k): v for k, v in summary.items() if k in EARLIER_KEYS or k in EARLIEST_OTHER_KEYS}

@@ -17,7 +17,7 @@ CONF = ROOT / "conf"
 # conf groups whose files instantiate a class of the code folder of the same name
 GROUPS = {"selection": "slm_cli.selection", "target": "slm_cli.target", "model": "slm_cli.model"}
 # keys the training loop reads itself rather than the class (slm_cli/run.py)
-LOOP_KEYS = {"selection": {"scope"}, "model": {"name"}}
+LOOP_KEYS = {"model": {"name"}}
 
 
 def _files(group: str) -> list[Path]:

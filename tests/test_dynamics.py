@@ -52,6 +52,9 @@ def test_dynamics_against_brute_force(checkpointed_run: Path, tiny_data: Path, t
     proc = ok(slm("dynamics", f"run={checkpointed_run}", f"data_dir={tiny_data}", f"tokens={N_TOKENS}",
                   f"out={out}", "examples=2", cwd=tmp_path))
     assert "RHO-1" in proc.stdout and "51%" in proc.stdout  # the paper's shares printed beside ours
+    # the first line names the data: the run's own (its data_dir given here)
+    assert proc.stdout.splitlines()[0] == f"dynamics: {checkpointed_run}'s data (name=tiny source=stdlib " \
+                                          f"data_dir={tiny_data}), split val"
     summary = json.loads((out / "dynamics.json").read_text())
     rows, steps = read_tokens(out)
     # step*.ckpt in step order, then last.ckpt because its step (25) is later

@@ -4,6 +4,7 @@ half-written that looks valid."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -49,7 +50,10 @@ def bad_train(tmp_path: Path, data_dir: Path, *overrides: str):
         (["model.vocab_size=100"], ["model.vocab_size=100", "tokenizer"]),
         (["data.val_fraction=1.5"], ["data.val_fraction"]),
         (["data=text", "data.path=/does/not/exist"], ["/does/not/exist", "data.path"]),
-        (["selection.scope=everywhere"], ["selection.scope=everywhere", "global, local"]),
+        (["trainer.selection_scope=everywhere"], ["trainer.selection_scope=everywhere", "micro_batch, global_batch"]),
+        (["selection=hier_eslm", "trainer.selection_scope=global_batch"],
+         ["selection=hier_eslm keeps windows per micro-batch", "trainer.selection_scope=micro_batch"]),
+        (["selection=hier_eslm", "selection.exit_layer=9"], ["selection.exit_layer=9 exceeds model.n_layer=2"]),
         (["trainer.compile=maybe"], ["trainer.compile=maybe", "true or false"]),
         # GPU-only settings on this CPU-only machine: one line, before any work
         pytest.param(["trainer=gpu"], ["trainer.accelerator=gpu", "no CUDA GPU", "trainer=cpu"],
@@ -136,3 +140,47 @@ def test_eval_errors(tiny_data: Path, tmp_path: Path) -> None:
     fails(proc, "does not exist")
     proc = slm("eval", f"paths.data_dir={tiny_data}", *TINY_DATA, cwd=tmp_path)
     fails(proc, "ckpt_path")
+
+
+# The settings that name a model or a run: an error about one names that one, with its fix.
+MODEL_KEYS = ("init_from", "ckpt_path", "target.teacher", "selection.reference.ckpt_path", "reference", "run")
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "key"),
+    [
+        ("train", ["init_from={missing}"], "init_from"),
+        ("train", ["init_from={folder}"], "init_from"),  # a folder that holds no model
+        ("train", ["init_from={corrupt}"], "init_from"),
+        ("train", ["selection=rho1", "selection.reference.mode=online", "selection.reference.ckpt_path={missing}"],
+         "selection.reference.ckpt_path"),
+        ("train", ["selection=eslm", "target=kd", "target.teacher={missing}"], "target.teacher"),
+        ("eval", ["ckpt_path={missing}"], "ckpt_path"),
+        ("sample", ["ckpt_path={missing}"], "ckpt_path"),
+        ("export", ["ckpt_path={missing}", "out={folder}/out"], "ckpt_path"),
+        ("tokens", ["ckpt_path={run}", "text=a b", "reference={missing}"], "reference"),
+        ("tokens", ["ckpt_path={run}", "text=a b", "selection=rho1", "selection.reference.ckpt_path={missing}"],
+         "selection.reference.ckpt_path"),
+        ("dynamics", ["run={missing}"], "run"),
+    ],
+)
+def test_errors_name_the_setting_the_user_gave(command: str, args: list[str], key: str, tiny_data: Path,
+                                               checkpointed_run: Path, tmp_path: Path) -> None:
+    """`slm train init_from=<missing>` names init_from and its fix (not ckpt_path, which would
+    resume a run instead); likewise every setting that names a model or a run."""
+    (tmp_path / "corrupt.ckpt").write_bytes(b"not a checkpoint")
+    (tmp_path / "folder").mkdir()
+    paths = {"missing": tmp_path / "missing.ckpt", "folder": tmp_path / "folder", "corrupt": tmp_path / "corrupt.ckpt",
+             "run": checkpointed_run}
+    args = [arg.format(**paths) for arg in args]
+    if command == "train":
+        proc, run = bad_train(tmp_path, tiny_data, "trainer.max_steps=1", *args)
+        assert not run.exists()
+    else:
+        proc = slm(command, *args, cwd=tmp_path)
+    value = next(arg.split("=", 1)[1] for arg in args if arg.startswith(f"{key}="))
+    named = (f"{key}: checkpoint {value}", f"pass another {key}") if "corrupt" in value else (f"{key}={value}",
+                                                                                               f"pass {key}=")
+    line = fails(proc, *named)
+    for other in set(MODEL_KEYS) - {key}:
+        assert not re.search(rf"(?<![\w.]){re.escape(other)}=", line), (other, line)

@@ -7,6 +7,7 @@ The references are independent of slm's own code paths: transformers' GPT2LMHead
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.model.hf import hf_state_dict, load_hf_state_dict
 from slm_cli.model.load import init_weights, load_gpt
 from slm_cli.outputs import load_checkpoint
-from tests.helpers import ok, slm, train
+from tests.helpers import earlier_summary, ok, slm, train
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -101,6 +102,26 @@ def test_export_at_end_equals_slm_export(run: Path, exported: Path) -> None:
     # no staging folder left
     assert not [p for p in run.parent.iterdir() if p.name.startswith(".")]
     assert not [p for p in run.iterdir() if p.name.startswith(".hf")]
+
+
+def card_figures(card: str) -> dict[str, float]:
+    """The model card's run summary table: key -> value."""
+    rows = (line.split(" | ") for line in card.splitlines() if line.startswith("| `"))
+    return {row[0][3:-1]: float(row[1].replace(",", "")) for row in rows}
+
+
+def test_a_run_with_earlier_summary_keys_exports_the_same_card(run: Path, exported: Path, tmp_path: Path) -> None:
+    """The run dir with its summary.json rewritten as the oldest runs wrote it (flops_total,
+    flops_clm_equivalent, flops_saved_frac): the card shows the figures under today's keys."""
+    summary = json.loads((run / "summary.json").read_text())
+    old_run = tmp_path / "old_run"
+    shutil.copytree(run, old_run, ignore=shutil.ignore_patterns("hf"))
+    (old_run / "summary.json").write_text(json.dumps(earlier_summary(summary)))
+    card = card_figures((export(old_run, tmp_path / "out") / "README.md").read_text())
+    today = card_figures((exported / "README.md").read_text())
+    for key in ("flops_realized", "flops_clm", "flops_nominal", "flops_saved_frac_nominal",
+                "flops_saved_frac_realized", "val_loss", "steps"):
+        assert card[key] == pytest.approx(summary[key], rel=1e-5) == today[key], key
 
 
 def test_exported_folder_is_a_reference_and_a_tokenizer(run: Path, exported: Path, tiny_data: Path) -> None:

@@ -176,7 +176,7 @@ def test_teacher_with_another_tokenizer_fails_in_one_line(teacher: Path, prepare
     target = KD(teacher=str(ckpt))
     with pytest.raises(SlmError, match=f"prepare the data with data.tokenizer={ckpt}$") as err:
         target.token_arrays(prepared)
-    assert "\n" not in str(err.value) and str(err.value).startswith(f"teacher {ckpt} ")
+    assert "\n" not in str(err.value) and str(err.value).startswith(f"target.teacher={ckpt} ")
     KD(teacher=str(teacher)).token_arrays(prepared)  # the data's own tokenizer passes
 
 
@@ -184,7 +184,7 @@ def test_teacher_with_a_shorter_context_fails_in_one_line(teacher: Path, prepare
                                                           tmp_path: Path) -> None:
     ckpt = altered_checkpoint(teacher, tmp_path / "short.ckpt", block_size=16)
     target = KD(teacher=str(ckpt))
-    with pytest.raises(SlmError, match=r"training windows of 32 tokens exceed the context of teacher .* \(16 tokens\): "
+    with pytest.raises(SlmError, match=r"training windows of 32 tokens exceed the context of target.teacher=.* \(16 tokens\): "
                                        r"lower model.block_size to 16") as err:
         target.targets(batch_of(prepared))
     assert "\n" not in str(err.value)
@@ -219,7 +219,7 @@ def test_eslm_kd_end_to_end_counts_the_teacher_and_resumes_exactly(teacher: Path
                     f"ckpt_path={tmp_path}/whole/checkpoints/step0000002.ckpt", *common, cwd=tmp_path)
     assert (whole["selection"], whole["target"]) == ("eslm", "kd")
     assert resumed["steps"] == 4 and abs(resumed["val_loss"] - whole["val_loss"]) < 1e-6
-    for key in ("train_tokens", "selected_tokens", "flops_total", "flops_nominal", "flops_clm_equivalent"):
+    for key in ("train_tokens", "selected_tokens", "flops_realized", "flops_nominal", "flops_clm"):
         assert resumed[key] == whole[key], key
     a = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
@@ -235,5 +235,5 @@ def test_eslm_kd_end_to_end_counts_the_teacher_and_resumes_exactly(teacher: Path
     assert tokens == 4 * 4 * BLOCK and selected == 4 * int(np.ceil(0.6 * 4 * BLOCK))
     student = step_flops(GPTConfig(**a["slm"]["model"]), tokens, selected)  # linear in tokens and selected
     assert whole["flops_nominal"] == pytest.approx(student.nominal + tokens * measured, rel=1e-12)
-    assert whole["flops_total"] == pytest.approx(student.realized + tokens * measured, rel=1e-12)
-    assert whole["flops_clm_equivalent"] == student.clm
+    assert whole["flops_realized"] == pytest.approx(student.realized + tokens * measured, rel=1e-12)
+    assert whole["flops_clm"] == student.clm

@@ -103,3 +103,47 @@ def test_accumulation_and_global_batch_train_alike(tiny_data: Path, tmp_path: Pa
     b = train(tmp_path / "b", tiny_data, "trainer.accumulate_grad_batches=2", "data.batch_size=2",
               "trainer.max_steps=2", "trainer.val_check_interval=2", cwd=tmp_path)
     assert a["val_loss"] == b["val_loss"] and a["train_tokens"] == b["train_tokens"] == 2 * 4 * 32
+
+
+SHAPES = {  # the same shape planned and trained: every selection path, with accumulation
+    "eslm": ["selection=eslm", "data.batch_size=2", "trainer.accumulate_grad_batches=2"],
+    "hier_eslm": ["selection=hier_eslm", "selection.score_positions=8", "data.batch_size=2",
+                  "trainer.accumulate_grad_batches=2"],
+    "eslm_global": ["selection=eslm", "trainer.selection_scope=global_batch", "data.batch_size=2",
+                    "trainer.accumulate_grad_batches=2"],
+    "random": ["selection=random", "selection.ratio=0.3"],
+    "hier_eslm_warm_start": ["selection=hier_eslm", "selection.score_positions=8", "trainer.selection_start_step=2"],
+    "rho1_reference_loss_global": ["selection=rho1", "selection.score=reference_loss", "selection.reference.mode=online",
+                                   "trainer.selection_scope=global_batch", "trainer.accumulate_grad_batches=2"],
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_plan_equals_what_a_run_logs(shape: str, tiny_data: Path, tmp_path: Path, checkpointed_run: Path) -> None:
+    """The dry-run plan's tokens and FLOPs (realised, nominal, CLM) are those the run then logs:
+    one counting rule (the scope's) and one FLOPs function (accounting.step_cost) for both."""
+    overrides = [*SHAPES[shape], "trainer.max_steps=3", "trainer.val_check_interval=3"]
+    if "selection=rho1" in overrides:  # an online reference: its forward is counted in both
+        overrides.append(f"selection.reference.ckpt_path={checkpointed_run}")
+    plan = dry(tmp_path, tiny_data, *overrides)
+    run = train(tmp_path / "trained", tiny_data, *overrides, cwd=tmp_path)
+    assert plan["total_tokens"] == run["train_tokens"]
+    for key in ("forward_tokens", "selected_tokens"):
+        assert plan[key] == run[key], key
+    for key in ("flops_realized", "flops_nominal", "flops_clm"):
+        assert plan[key] == pytest.approx(run[key], rel=1e-12), key
+    assert plan["scoring_pass"] == (shape == "eslm_global")  # reference_loss does not read the model
+
+
+def test_every_gpt2_selection_experiment_plans_less_than_clm(tmp_path: Path) -> None:
+    """The flagship recipes (40 micro-batches per step on one device) plan fewer realised FLOPs than
+    clm_gpt2: no scoring pass on the default scope; Ada-ESLM planned at alpha_min, its most tokens."""
+    def realised(experiment: str) -> float:
+        out = tmp_path / f"{experiment}.json"
+        ok(slm("train", f"+experiment={experiment}", "dry_run=true", "model.vocab_size=50257", f"plan_out={out}",
+               f"hydra.run.dir={tmp_path}/run", cwd=tmp_path))
+        return json.loads(out.read_text())["flops_realized"]
+
+    clm = realised("clm_gpt2")
+    for experiment in ("eslm_gpt2", "ada_eslm_gpt2", "rho1_gpt2", "random_gpt2", "hier_eslm_gpt2"):
+        assert realised(experiment) < clm, experiment

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm
+from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, earlier_summary, ok, slm
 
 PNGS = ["val_loss_vs_flops.png", "loss_vs_tokens.png", "loss_vs_flops.png", "selection.png"]
 TOKENS_PER_STEP = 4 * 32  # data.batch_size=4 windows of model.block_size=32 (TINY_DATA, TINY_MODEL)
@@ -136,16 +136,43 @@ def test_config_columns_unit() -> None:
 def test_older_summaries_are_read_under_their_earlier_names() -> None:
     """flops_total (realised), flops_clm_equivalent, flops_saved_frac (nominal): docs/outputs.md."""
     from slm_cli.report.runs import summary_figures
+    from slm_cli.summary import RunSummary
 
     old = {"steps": 10, "train_tokens": 1000, "selected_tokens": 600, "val_loss": 2.0, "flops_total": 900.0,
            "flops_clm_equivalent": 1000.0, "flops_saved_frac": 0.25}
-    f = summary_figures(old)
+    f = summary_figures(RunSummary.from_dict(old))
     assert f["flops_realized"] == 900.0 and f["flops_clm"] == 1000.0
     assert f["flops_nominal"] == pytest.approx(750.0) and f["flops_saved_frac_nominal"] == 0.25
     assert f["flops_saved_frac_realized"] == pytest.approx(0.1) and f["selected_frac"] == 0.6
     assert f["val_ppl"] == pytest.approx(np.exp(2.0))
-    new = {**old, "flops_nominal": 700.0, "flops_realized": 800.0, "flops_clm": 1000.0}
+    new = RunSummary.from_dict({**old, "flops_nominal": 700.0, "flops_realized": 800.0, "flops_clm": 1000.0})
     assert summary_figures(new)["flops_nominal"] == 700.0 and summary_figures(new)["flops_realized"] == 800.0
+
+
+def test_a_sweep_with_earlier_summary_keys_reports_the_same_figures(sweep: Path, reported: Path,
+                                                                     tmp_path: Path) -> None:
+    """The sweep's run dirs with their summary.json rewritten as the oldest runs wrote it
+    (tests/helpers.py's earlier_summary): `slm report` gives the same report.csv figures."""
+    from omegaconf import OmegaConf
+
+    from slm_cli.report.build import report
+
+    copy = tmp_path / "sweep"
+    shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("report", "checkpoints"))
+    for path in copy.glob("*/summary.json"):
+        old = earlier_summary(json.loads(path.read_text()))
+        assert "flops_total" in old and "flops_nominal" not in old
+        path.write_text(json.dumps(old))
+    report(OmegaConf.create({"runs": [str(copy)], "out": str(tmp_path / "out"), "paths": {"log_dir": str(tmp_path)}}))
+    now = {r["selection.name"]: r for r in read_csv(reported / "report.csv")}
+    then = {r["selection.name"]: r for r in read_csv(tmp_path / "out" / "report.csv")}
+    assert sorted(then) == sorted(now) == ["clm", "eslm"]
+    figures = [k for k in now["clm"] if k.endswith(("_mean", "_std"))]
+    assert "flops_nominal_mean" in figures and "flops_saved_frac_realized_mean" in figures
+    for name in now:
+        for key in figures:
+            a, b = now[name][key], then[name][key]
+            assert (a == b == "") or float(b) == pytest.approx(float(a), rel=1e-9, abs=1e-12), (name, key)
 
 
 def test_curves_are_the_seed_means_of_metrics_csv(sweep: Path) -> None:
@@ -277,7 +304,7 @@ def test_no_argument_reports_the_latest_sweep(sweep: Path, tmp_path: Path) -> No
 def test_positional_paths_become_one_hydra_list() -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from slm_cli.__main__ import positional_to_override
+    from slm_cli.arguments import positional_to_override
 
     paths = ["outputs/train/multirun/2026-01-01_00-00-00", "runs/*/seed=1", "it's [odd], isn't it"]
     args = positional_to_override(["--cfg", "job", paths[0], "out=/tmp/r", paths[1], "+x=1", paths[2]], "runs")

@@ -1,52 +1,268 @@
-"""scripts/results_page.py: the per-claim verdicts of docs/results.md follow from the numbers, and the
-two CSVs of `slm report` join on their config columns. Rows are written by hand with known deltas."""
+"""docs/results.md's page (slm_cli/report/results.py): the per-claim verdicts follow from the numbers,
+each configuration meets its own comparison against CLM, and a whole page built from a hand-made
+study (run dirs in reproduce_small.sh's layout, with known figures) states those figures.
+References: numpy (means, sample std, standard errors), the figures written by hand."""
 
 from __future__ import annotations
 
-import importlib.util
+import csv
+import json
+import math
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_page.py"
+from slm_cli.report import results
+from slm_cli.report.build import Report
+from slm_cli.report.matched import Comparison, Point, compare
+from slm_cli.report.runs import FINISHED, Run, find_runs
+from slm_cli.report.table import Row, build_table, keep_fraction
+from slm_cli.summary import RunSummary
+
+TOKENS_PER_STEP = 2048
+FLOPS_PER_TOKEN = 1.0e6
+STEPS = 100
+VAL_EVERY = 20
+T0 = 1_700_000_000.0  # the hand-made runs' start times (their config.yaml's mtime) count from here
+
+
+# ---- verdicts and names on hand-made rows ------------------------------------------------------------
+
+def run_of(config: dict | None = None, **figures: float) -> Run:
+    return Run(dir=Path("/x"), config=config or {}, summary=RunSummary(**figures), status=FINISHED)
+
+
+def entry(steps: tuple[float, float] | None, nominal: tuple[float, float] | None, saved: float = 0.27) -> results.Entry:
+    """An ESLM configuration whose Δ against CLM is ``(diff, se)`` after the same steps and at the
+    same nominal (and realised) FLOPs: its loss is 0 ± 0, CLM's −diff ± se (one run each)."""
+    row = Row(key=(), runs=[run_of({"selection": {"name": "eslm", "alpha": 0.4}}, flops_saved_frac_nominal=saved)])
+
+    def clm(d: tuple[float, float] | None) -> Point | None:
+        return None if d is None else Point(-d[0], d[1], 1)
+
+    return results.Entry(row, Comparison(row=row, loss=Point(0.0, 0.0, 1), same_steps=clm(steps),
+                                         same_realized=clm(nominal), same_nominal=clm(nominal), steps=100,
+                                         steps_to_clm=None))
+
+
+def test_claim_verdicts_follow_the_deltas() -> None:
+    claim = results.claim
+    assert claim(entry((-0.10, 0.02), (-0.2, 0.02))).startswith("**reproduces**: a lower loss after the same steps with 27%")
+    assert claim(entry((0.01, 0.02), (-0.1, 0.02))).startswith("**reproduces**: CLM's (within the noise) loss")
+    assert claim(entry((0.10, 0.02), (0.01, 0.02))).startswith("**in part**")
+    assert claim(entry((0.10, 0.02), (0.10, 0.02))).startswith("**does not reproduce**")
+    assert claim(entry((0.10, 0.02), None)).startswith("**not shown**")
+    assert claim(entry((0.10, 0.0), (0.1, 0.0))).startswith("**not judged**")  # one run each: no spread
+    assert claim(entry((-0.10, 0.02), None, saved=-0.17)).startswith("**no saving**: 17% more nominal FLOPs")
+
+
+def test_keep_method_and_join(tmp_path: Path) -> None:
+    eslm = {"selection.name": "eslm", "selection.alpha": 0.4, "selection.score": "entropy", "target.name": "onehot"}
+    assert keep_fraction({"name": "eslm", "alpha": 0.4, "score": "entropy"}) == pytest.approx(0.6)
+    assert results.method(eslm) == "eslm-entropy"
+    assert results.method({"selection.name": "eslm", "target.name": "kd"}) == "eslm-kd"
+    assert results.method({"selection.name": "clm", "target.name": "coconts"}) == "coconts"
+    assert keep_fraction({"name": "random", "ratio": 0.6}) == 0.6 and keep_fraction({"name": "clm"}) is None
+    ada = results.Entry(Row(key=(), runs=[run_of({"selection": {"name": "ada_eslm", "alpha": 0.5}})]))
+    assert ada.keep is None and results.keep_text(ada) == "adaptive"
+    # each configuration of a report meets its own comparison against CLM; the CLM row has none
+    for seed in (1, 2):
+        make_run(tmp_path / "clm" / str(seed), {"name": "clm"}, seed, STEPS, 0.0)
+        make_run(tmp_path / "eslm" / str(seed), {"name": "eslm", "alpha": 0.4}, seed, STEPS, -0.1, keep=0.6)
+    table = build_table(find_runs([str(tmp_path)]))
+    joined = {e.method: e for e in results.entries(Report(tmp_path, table, compare(table), []))}
+    se = math.sqrt(2 * np.var([0.02, 0.04], ddof=1) / 2)  # the seeds' shifts, on both sides
+    assert joined["clm"].against is None and joined["eslm"].delta("same_steps") == pytest.approx((-0.1, se))
+    a = results.Entry(Row(key=(), runs=[run_of(val_loss=v) for v in (4.7, 5.0, 5.3)]))  # 5.0 ± 0.3
+    b = results.Entry(Row(key=(), runs=[run_of(val_loss=v) for v in (4.8, 5.2, 5.6)]))  # 5.2 ± 0.4
+    assert results.diff_between(a, b) == pytest.approx((-0.2, ((0.09 + 0.16) / 3) ** 0.5))
+
+
+# ---- a whole page from a hand-made study -------------------------------------------------------------
+
+def loss_at(step: float, final_offset: float, seed: int) -> float:
+    """Validation loss after ``step`` steps: falling towards 4 + offset, a seed's own shift."""
+    return 4.0 + final_offset + 3.0 * math.exp(-step / 60) + 0.02 * seed
+
+
+def make_run(d: Path, selection: dict, seed: int, steps: int, offset: float, keep: float = 1.0,
+             target: dict | None = None, data: str = "wikitext2", sources: dict[str, float] | None = None,
+             extra_flops: float = 0.0, start: float = T0) -> None:
+    """A finished run dir: config, summary.json and metrics.csv with known figures."""
+    (d / ".hydra").mkdir(parents=True)
+    config = {"seed": seed, "task_name": "train", "selection": selection, "target": target or {"name": "onehot"},
+              "model": {"name": "gpt2-nano", "n_embd": 128}, "data": {"name": data},
+              "trainer": {"max_steps": steps, "val_check_interval": VAL_EVERY}}
+    (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    tokens = TOKENS_PER_STEP * steps
+    selected = math.ceil(keep * TOKENS_PER_STEP) * steps
+    clm = tokens * FLOPS_PER_TOKEN
+    nominal = tokens * FLOPS_PER_TOKEN / 3 + selected * 2 * FLOPS_PER_TOKEN / 3 + tokens * extra_flops
+    realized = clm - (tokens - selected) * 0.2 * FLOPS_PER_TOKEN + tokens * extra_flops
+    final = loss_at(steps, offset, seed)
+    summary = {"steps": steps, "train_tokens": tokens, "selected_tokens": selected, "val_loss": final,
+               "val_sources": {k: final + v for k, v in (sources or {}).items()}, "flops_realized": realized,
+               "flops_nominal": nominal, "flops_clm": clm, "flops_saved_frac_realized": 1 - realized / clm,
+               "flops_saved_frac_nominal": 1 - nominal / clm, "train_tokens_per_s": 1000.0 + 10 * seed,
+               "wall_s": 60.0 + seed}
+    (d / "summary.json").write_text(json.dumps(summary))
+    with open(d / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        names = sorted(sources or {})
+        w.writerow(["step", "train/selected_frac", "selection/alpha", "flops/nominal", "flops/realized", "val/loss",
+                    *(f"val/{n}/loss" for n in names)])
+        alpha = selection.get("alpha") if selection["name"] in ("eslm", "ada_eslm") else None
+        for step in range(1, steps + 1):
+            a = "" if alpha is None else (alpha if selection["name"] == "eslm" else max(0.2, alpha - 0.02 * step))
+            w.writerow([step - 1, selected / tokens, a, nominal * step / steps, realized * step / steps, "",
+                        *("" for _ in names)])
+            if step % VAL_EVERY == 0:
+                v = loss_at(step, offset, seed)
+                w.writerow([step - 1, "", "", "", "", v, *(v + sources[n] for n in names)])
+    os.utime(d / ".hydra" / "config.yaml", (start, start))
+    os.utime(d / "summary.json", (start + summary["wall_s"], start + summary["wall_s"]))
+
+
+# (folder, selection, keep, offset of the final loss, target, extra forward FLOPs per token)
+METHODS = [("clm", {"name": "clm"}, 1.0, 0.0, None, 0.0),
+           ("random", {"name": "random", "ratio": 0.6}, 0.6, 0.15, None, 0.0),
+           ("eslm", {"name": "eslm", "alpha": 0.4, "score": "loss"}, 0.6, 0.5, None, 0.0),
+           ("eslm_entropy", {"name": "eslm", "alpha": 0.4, "score": "entropy"}, 0.6, 0.01, None, 0.0),
+           ("ada_eslm", {"name": "ada_eslm", "alpha": 0.5, "score": "loss"}, 0.8, 0.2, None, 0.0),
+           ("eslm_kd", {"name": "eslm", "alpha": 0.4, "score": "loss"}, 0.6, 0.25,
+            {"name": "kd", "teacher": "/t", "top_k": 64}, 1.0e6)]
+
+
+def make_study(root: Path) -> None:
+    """reproduce_small.sh's layout with 2 seeds per configuration (the keep sweep: 1)."""
+    start = iter(T0 + 90 * i for i in range(1000))
+    for size, shift in (("a", 0.0), ("b", -0.5)):
+        for name, selection, keep, offset, target, extra in METHODS:
+            for seed in (1, 2):
+                make_run(root / "methods" / size / name / str(seed - 1), selection, seed, STEPS, offset + shift,
+                         keep, target, extra_flops=extra, start=next(start))
+        for steps in (40, 60, 80):
+            for seed in (1, 2):
+                make_run(root / "methods" / size / f"clm_steps{steps}" / str(seed - 1), {"name": "clm"}, seed, steps,
+                         shift, start=next(start))
+    for keep in (0.2, 0.4, 0.8):
+        make_run(root / "methods/a/random_keeps" / str(keep), {"name": "random", "ratio": keep}, 1, STEPS,
+                 0.1 + abs(keep - 0.6), keep, start=next(start))
+        make_run(root / "methods/a/eslm_keeps" / str(keep), {"name": "eslm", "alpha": round(1 - keep, 6),
+                                                            "score": "loss"}, 1, STEPS, 0.2 + keep / 10, keep,
+                 start=next(start))
+    mix = {"wiki": -0.3, "shakespeare": 0.4, "shuffled": 1.0}
+    for name, selection, keep, offset in (("clm", {"name": "clm"}, 1.0, 0.0),
+                                          ("random", {"name": "random", "ratio": 0.6}, 0.6, 0.1),
+                                          ("rho1", {"name": "rho1", "ratio": 0.6}, 0.6, 0.2)):
+        for seed in (1, 2):
+            wiki = {**mix, "wiki": mix["wiki"] - (0.3 if name == "rho1" else 0.0)}
+            make_run(root / "rho1" / name / str(seed - 1), selection, seed, STEPS, offset, keep, data="noisy-mix",
+                     sources=wiki, start=next(start))
+    for seed in (1, 2):
+        make_run(root / "coconts/coconts" / str(seed - 1), {"name": "clm"}, seed, STEPS, -0.05,
+                 target={"name": "coconts", "n": 4, "r": 8}, start=next(start))
+    (root / "data" / "wikitext2").mkdir(parents=True)
+    (root / "data" / "wikitext2" / "meta.json").write_text(json.dumps({"train_tokens": 290_000}))
+
+
+PLAN = {"total_tokens": 294_912_000_000, "flops_nominal": 1.848e20, "flops_realized": 3.178e20, "world_size": 1}
 
 
 @pytest.fixture(scope="module")
-def page():
-    spec = importlib.util.spec_from_file_location("results_page", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    root = tmp_path_factory.mktemp("study")
+    make_study(root)
+    reports = results.write_reports(root)
+    plans = {"clm_gpt2": PLAN, "eslm_gpt2": "dry run failed: no GPU here"}
+    return root, results.page(root, reports, root / "docs" / "results.md", "reproduce", 0.6, plans)
 
 
-def row(steps: tuple[float, float] | None, nominal: tuple[float, float] | None, saved: float = 0.27) -> dict[str, str]:
-    out = {"selection.name": "eslm", "selection.alpha": "0.4", "flops_saved_frac_nominal_mean": str(saved)}
-    for name, d in (("same_steps", steps), ("same_nominal", nominal), ("same_realized", nominal)):
-        if d is not None:
-            out[f"delta_{name}"], out[f"delta_{name}_se"] = str(d[0]), str(d[1])
-    return out
+def final_losses(offset: float, steps: int = STEPS) -> np.ndarray:
+    return np.array([loss_at(steps, offset, seed) for seed in (1, 2)])
 
 
-def test_claim_verdicts_follow_the_deltas(page) -> None:
-    assert page.claim(row((-0.10, 0.02), (-0.2, 0.02))).startswith("**reproduces**: a lower loss after the same steps with 27%")
-    assert page.claim(row((0.01, 0.02), (-0.1, 0.02))).startswith("**reproduces**: CLM's (within the noise) loss")
-    assert page.claim(row((0.10, 0.02), (0.01, 0.02))).startswith("**in part**")
-    assert page.claim(row((0.10, 0.02), (0.10, 0.02))).startswith("**does not reproduce**")
-    assert page.claim(row((0.10, 0.02), None)).startswith("**not shown**")
-    assert page.claim(row((0.10, 0.0), (0.1, 0.0))).startswith("**not judged**")  # one run each: no spread
-    assert page.claim(row((-0.10, 0.02), None, saved=-0.17)).startswith("**no saving**: 17% more nominal FLOPs")
+def delta_text(a: np.ndarray, b: np.ndarray) -> str:
+    """Δ of the means ± the standard error sqrt(s₁²/n₁ + s₂²/n₂), by numpy."""
+    return f"{a.mean() - b.mean():+.4f} ± {math.sqrt(a.var(ddof=1) / 2 + b.var(ddof=1) / 2):.4f}"
 
 
-def test_keep_method_and_join(page) -> None:
-    eslm = {"selection.name": "eslm", "selection.alpha": "0.4", "selection.score": "entropy", "target.name": "onehot"}
-    assert page.keep(eslm) == pytest.approx(0.6) and page.method(eslm) == "eslm-entropy"
-    assert page.method({"selection.name": "eslm", "target.name": "kd"}) == "eslm-kd"
-    assert page.method({"selection.name": "clm", "target.name": "coconts"}) == "coconts"
-    assert page.keep_text({"selection.name": "ada_eslm"}) == "adaptive"
-    report = [{"selection.name": "clm", "n": "3"}, {"selection.name": "eslm", "n": "3"}]
-    against = [{"selection.name": "eslm", "n": "3", "delta_same_steps": "-0.1"}]
-    joined = page.joined(report, against)
-    assert "delta_same_steps" not in joined[0] and joined[1]["delta_same_steps"] == "-0.1"
-    assert page.diff_between({"val_loss_mean": "5.0", "val_loss_std": "0.3", "n": "3"},
-                             {"val_loss_mean": "5.2", "val_loss_std": "0.4", "n": "3"}) == pytest.approx(
-        (-0.2, ((0.09 + 0.16) / 3) ** 0.5))
+def table_after(page: str, heading: str) -> dict[str, str]:
+    """The rows of the first table after ``heading``, by their first cell."""
+    lines = page.splitlines()[page.splitlines().index(heading):]
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    end = next((i for i in range(first, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return {line.split(" | ")[0][2:]: line for line in lines[first + 2:end]}
+
+
+def test_page_states_the_studys_figures(study: tuple[Path, str]) -> None:
+    _, page = study
+    clm, eslm, entropy = final_losses(0.0), final_losses(0.5), final_losses(0.01)
+    rows = table_after(page, "### size A")
+    assert list(rows) == ["clm", "random", "eslm", "eslm-entropy", "ada_eslm", "eslm-kd"]
+    # ESLM: worse than CLM after the same steps, by the hand-made offset, with its spread
+    assert f"| {eslm.mean():.4f} ± {eslm.std(ddof=1):.4f} |" in rows["eslm"]
+    assert f"| {delta_text(eslm, clm)} (worse) |" in rows["eslm"]
+    assert f"| {delta_text(entropy, clm)} (no difference) |" in rows["eslm-entropy"]
+    # the keep-0.6 saving: 1 − (1/3 + 2/3·⌈0.6·2048⌉/2048) nominal, 0.2·(1 − k) realised
+    k = math.ceil(0.6 * TOKENS_PER_STEP) / TOKENS_PER_STEP
+    assert f"| {100 * (2 / 3) * (1 - k):.1f}% | {100 * 0.2 * (1 - k):.1f}% | never |" in rows["eslm"]
+    assert "**ESLM: CLM's loss or better with fewer FLOPs (size A)**: **does not reproduce**" in page
+    assert "  - eslm-kd: **no saving**" in page  # its teacher's forward costs more than selection saves
+    # the keep sweep: ESLM's loss grows with the keep here, random's is lowest at the main keep
+    assert "Best keep by mean validation loss: eslm 0.2, eslm-entropy 0.6, random 0.6." in page
+    # RHO-1 on the clean source: 0.3 nats better on it, 0.2 worse overall, against CLM
+    rho1_wiki, clm_wiki = final_losses(0.2) - 0.6, final_losses(0.0) - 0.3
+    assert f"RHO-1 against CLM is better (Δ {delta_text(rho1_wiki, clm_wiki)})" in page
+    assert f"Over all three sources (noise included) it is worse (Δ {delta_text(final_losses(0.2), clm)})" in page
+    rho = table_after(page, "## 2. RHO-1 on a noisy mixture")
+    assert f"| {rho1_wiki.mean():.4f} ± {rho1_wiki.std(ddof=1):.4f} |" in rho["rho1"]
+    assert "**CoCoNTs converges faster than CLM**: it reaches CLM's final validation loss at step" in page
+
+
+def test_page_runs_plans_machine_and_plots(study: tuple[Path, str]) -> None:
+    from slm_cli.machine import describe, machine
+
+    root, page = study
+    # 6 methods × 2 seeds + CLM at 3 lengths × 2 seeds at two sizes, 6 sweep runs, 6 RHO-1, 2 CoCoNTs
+    runs = 2 * (12 + 6) + 6 + 6 + 2
+    seconds = (runs - 6) / 2 * (61 + 62) + 6 * 61  # wall_s is 60 + seed; the sweep has seed 1 only
+    last_end = 90 * (runs - 1) + 62  # each run starts 90 s after the one before
+    assert (f"on {describe(machine())}; {runs} training runs, {seconds / 60:.0f} min of training in all "
+            f"(two at a time), {last_end / 60:.0f} min from the first start to the last end.") in page
+    # the plan's figures, and its time on one A100 / H100 at 40% MFU: 3.178e20 / (312e12 × 0.4) s
+    assert "| `clm_gpt2` | 294,912,000,000 | 1.85e+20 | 3.18e+20 | 29.5 days | 9.3 days |" in page
+    assert "| eslm_gpt2 | – | – | – | – | dry run failed: no GPU here |" in page
+    img = root / "docs" / "img" / "results"
+    assert sorted(p.name for p in img.iterdir()) == [
+        "coconts-loss_vs_tokens.png", "methods_a-loss_vs_flops.png", "methods_a-selection.png",
+        "methods_a-val_loss_vs_flops.png", "methods_b-val_loss_vs_flops.png", "rho1-val_loss_by_source.png"]
+    assert "![size A: methods_a-val_loss_vs_flops](img/results/methods_a-val_loss_vs_flops.png)" in page
+    assert (root / "reports" / "methods_a" / "report.md").is_file()  # each part's `slm report`
+    # Ada-ESLM's α: from 0.5 down by 0.02 a step to its floor 0.2, the same for both seeds
+    alphas = [max(0.2, 0.5 - 0.02 * step) for step in range(1, STEPS + 1)]
+    assert f"| size A | ada_eslm | adaptive | 100 | 2 | 80.0% | {np.mean(alphas):.3f}; 0.200 |" in page
+    # CLM's tokens at size A (2048 × 100), over the corpus's 290k training tokens
+    assert "205k training tokens, 0.7 passes over a corpus of 290k tokens." in page
+
+
+def test_machine_says_whether_there_is_a_gpu() -> None:
+    import torch
+
+    from slm_cli.machine import describe, machine
+
+    record = machine()
+    assert (record["gpu"] is None) == (not torch.cuda.is_available())
+    assert describe({**record, "gpu": None}).startswith(f"{record['cpu']}, {record['nproc']} cores, no GPU; Python ")
+    assert describe({**record, "gpu": "8 × NVIDIA H100 80GB HBM3"}).endswith(
+        f", 8 × NVIDIA H100 80GB HBM3; Python {record['python']}, torch {record['torch']}")
+
+
+def test_no_runs_is_one_line(tmp_path: Path) -> None:
+    from slm_cli.errors import SlmError
+
+    with pytest.raises(SlmError, match="no runs under .*run scripts/reproduce_small.sh first"):
+        results.write_reports(tmp_path)

@@ -28,7 +28,7 @@ from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.reference.models import SlmReference, load
 from slm_cli.reference.scores import default_name, load_scores_and_meta, score_stream
 from slm_cli.selection.rho1 import Rho1
-from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm, train
+from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, select_as_training, slm, train
 from tests.test_errors import fails
 from tests.test_flops import counted_flops
 
@@ -113,7 +113,8 @@ def batch_of(ref_loss: torch.Tensor, ref_entropy: torch.Tensor | None = None) ->
 def test_rho1_keeps_the_top_k_by_score(ratio: float, score: str) -> None:
     g = torch.Generator().manual_seed(0)
     loss, ref_loss, ref_entropy = (torch.rand(60, generator=g) * 8 for _ in range(3))
-    selected = Rho1(ratio=ratio, score=score).select_step(TokenStats(loss=loss, lse=loss), batch_of(ref_loss, ref_entropy))
+    selected = select_as_training(Rho1(ratio=ratio, score=score), TokenStats(loss=loss, lse=loss),
+                                  batch_of(ref_loss, ref_entropy))
     value = {"excess": loss - ref_loss, "reference_loss": -ref_loss, "reference_entropy": -ref_entropy}[score].tolist()
     k = math.ceil(ratio * 60)
     expected = sorted(range(60), key=lambda j: -value[j])[:k]
@@ -199,7 +200,7 @@ def test_excess_loss_selects_clean_tokens() -> None:
             with torch.no_grad():
                 stats = model(batch["input_ids"], head=lambda h, w, y=batch["labels"]: token_stats(
                     h.flatten(0, 1), w, y.flatten(), keep_probs=False))
-            mask = rho1.select_step(stats, batch).mask
+            mask = select_as_training(rho1, stats, batch).mask
             kept += int(mask.sum())
             kept_noise += int(is_noise[batch["positions"].flatten()[mask].numpy()].sum())
         assert kept == 8 * math.ceil(ratio * 16 * BLOCK - 1e-9)
@@ -265,8 +266,8 @@ def test_rho1_trains_on_the_precomputed_scores(rho_data: Path, scored: Path, ref
     assert summary["selection"] == "rho1" and summary["data"] == str(scored.parent)
     assert summary["train_tokens"] == steps * ROWS
     assert summary["selected_tokens"] == steps * math.ceil(0.6 * ROWS)
-    assert summary["flops_saved_frac"] > 0
-    assert summary["flops_saved_frac"] == pytest.approx(expected_saved_frac(summary), rel=1e-9)
+    assert summary["flops_saved_frac_nominal"] > 0
+    assert summary["flops_saved_frac_nominal"] == pytest.approx(expected_saved_frac(summary), rel=1e-9)
     with open(tmp_path / "run" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("selection/threshold")]
     assert rows and {"selection/threshold", "selection/ref_loss"} <= set(rows[0])
@@ -289,7 +290,7 @@ def test_rho1_online_counts_the_reference_forward(rho_data: Path, reference_ckpt
     tokens, selected = summary["train_tokens"], summary["selected_tokens"]
     nominal = tokens * f_model / 3 + selected * 2 * f_model / 3 + tokens * f_ref_forward
     assert summary["flops_nominal"] == pytest.approx(nominal, rel=0.01)
-    assert summary["flops_saved_frac"] == pytest.approx(expected_saved_frac(summary) - f_ref_forward / f_model,
+    assert summary["flops_saved_frac_nominal"] == pytest.approx(expected_saved_frac(summary) - f_ref_forward / f_model,
                                                         abs=0.01)
 
 
@@ -352,8 +353,9 @@ def test_online_reference_with_another_vocabulary(reference_ckpt: Path, scored: 
     other = PreparedData(tmp_path, {**prepared.meta, "tokenizer_sha256": "e" * 64, "vocab_size": 600})
     rho1 = Rho1(reference={"mode": "online", "ckpt_path": str(reference_ckpt)})
     assert rho1.token_arrays(prepared) == {}
-    with pytest.raises(SlmError, match=f"vocabulary 512 .* has 600 .*data.tokenizer={reference_ckpt}"):
+    with pytest.raises(SlmError, match=f"vocabulary 512 .* has 600 .*data.tokenizer={reference_ckpt}") as err:
         rho1.token_arrays(other)
+    assert str(err.value).startswith(f"selection.reference.ckpt_path={reference_ckpt} ")  # the setting the user gave
 
 
 def test_rho1_without_reference_losses_fails_in_one_line(tiny_data: Path, tmp_path: Path) -> None:
@@ -484,6 +486,9 @@ def test_training_refuses_scores_from_other_contexts(scored: Path) -> None:
     rho1.token_arrays(prepared)
     with pytest.raises(SlmError, match=f"model.block_size={2 * BLOCK} is longer .*context={2 * BLOCK}"):
         rho1.window_grid(2 * BLOCK)
+    # A shorter training window would never train the labels past it in each scored window.
+    with pytest.raises(SlmError, match=f"model.block_size={BLOCK // 2} is shorter .*context={BLOCK // 2}"):
+        rho1.window_grid(BLOCK // 2)
     rho1.scores_meta = {**rho1.scores_meta, "stride": BLOCK // 2}
     with pytest.raises(SlmError, match=f"sliding windows .*stride={BLOCK}` \\(a grid"):
         rho1.window_grid(BLOCK)
@@ -518,7 +523,7 @@ def test_excess_is_not_reference_loss() -> None:
         for step in range(6):
             batch = windows[np.arange(step * 16, (step + 1) * 16)]
             stats = TokenStats(loss=_model_loss(model, batch), lse=torch.zeros(16 * BLOCK))
-            mask = rho1.select_step(stats, batch).mask
+            mask = select_as_training(rho1, stats, batch).mask
             kept += int(mask.sum())
             kept_b += int((kind[batch["positions"].flatten()[mask].numpy()] == 3).sum())
         share_b[score] = kept_b / kept

@@ -14,6 +14,7 @@ from slm_cli.errors import SlmError
 from slm_cli.loss import TokenStats, token_stats, weighted_loss
 from slm_cli.selection.eslm import ESLM, AdaESLM
 from slm_cli.selection.random import Random
+from tests.helpers import select_as_training
 
 LN2 = math.log(2)
 
@@ -43,8 +44,8 @@ def kept(mask: torch.Tensor) -> set[int]:
 def test_kept_count_is_ceil_of_keep_fraction(m, alpha):
     keep = 1 - Fraction(alpha)
     loss = torch.rand(m, generator=torch.Generator().manual_seed(m))
-    eslm = ESLM(alpha=float(alpha)).select_step(stats_of(loss), {})
-    rand = Random(ratio=float(keep)).select_step(None, {"positions": torch.arange(m)})
+    eslm = select_as_training(ESLM(alpha=float(alpha)), stats_of(loss), {})
+    rand = select_as_training(Random(ratio=float(keep)), None, {"positions": torch.arange(m)})
     assert int(eslm.mask.sum()) == ceil_keep(keep, m)
     assert int(rand.mask.sum()) == ceil_keep(keep, m)
     assert eslm.mask.dtype == rand.mask.dtype == torch.bool and eslm.mask.shape == rand.mask.shape == (m,)
@@ -59,7 +60,7 @@ def test_eslm_top_k_matches_brute_force_sort_with_ties(score, m, alpha):
     entropy = torch.randint(0, 4, (m,), generator=g).float()
     strategy = ESLM(score=score, alpha=alpha)
     assert strategy.needs_entropy == (score == "entropy")
-    out = strategy.select_step(stats_of(loss, entropy), {})
+    out = select_as_training(strategy, stats_of(loss, entropy), {})
     scores = (loss if score == "loss" else entropy).tolist()
     k = int(out.mask.sum())
     assert kept(out.mask) == brute_top_k(scores, k)
@@ -75,10 +76,10 @@ def test_eslm_keeps_the_high_loss_tokens():
     loss[hard] = 5 + 3 * torch.rand(n_hard, generator=g)  # hard: loss in [5, 8)
     is_hard = torch.zeros(m, dtype=torch.bool)
     is_hard[hard] = True
-    roomy = ESLM(alpha=0.6).select_step(stats_of(loss), {}).mask  # k = 40 ≥ 30: every hard token fits
+    roomy = select_as_training(ESLM(alpha=0.6), stats_of(loss), {}).mask  # k = 40 ≥ 30: every hard token fits
     assert roomy[is_hard].all() and int(roomy.sum()) == 40
     assert kept(roomy & ~is_hard) == brute_top_k(torch.where(is_hard, -1.0, loss).tolist(), 10)
-    tight = ESLM(alpha=0.75).select_step(stats_of(loss), {}).mask  # k = 25 < 30: only hard tokens
+    tight = select_as_training(ESLM(alpha=0.75), stats_of(loss), {}).mask  # k = 25 < 30: only hard tokens
     assert int(tight.sum()) == 25 and not (tight & ~is_hard).any()
 
 
@@ -96,7 +97,7 @@ def test_eslm_mean_loss_is_empirical_cvar_and_threshold_is_var(ties, m, alpha):
     assert ((1 - a) * m).denominator == 1  # (1−α)M integral: the identity is exact
     g = torch.Generator().manual_seed(m)
     loss = torch.randint(0, 4, (m,), generator=g).float() if ties else 6 * torch.rand(m, generator=g)
-    out = ESLM(alpha=float(a)).select_step(stats_of(loss), {})
+    out = select_as_training(ESLM(alpha=float(a)), stats_of(loss), {})
     losses = loss.double().tolist()
     values = {tau: ru_objective(losses, a, tau) for tau in losses}
     cvar = min(values.values())  # the convex piecewise-linear minimum sits at a data point
@@ -119,7 +120,7 @@ def test_eslm_threshold_is_var_when_alpha_m_is_not_integral(m, alpha):
     a = Fraction(alpha)
     assert (a * m).denominator != 1
     loss = torch.rand(m, generator=torch.Generator().manual_seed(m))
-    out = ESLM(alpha=float(a)).select_step(stats_of(loss), {})
+    out = select_as_training(ESLM(alpha=float(a)), stats_of(loss), {})
     losses = loss.tolist()
     var = min(s for s in losses if sum(x <= s for x in losses) >= a * m)  # docs/methods.md's VaR_α
     assert out.metrics["threshold"] == var
@@ -139,7 +140,7 @@ def test_eslm_weighted_loss_gradient_is_cross_entropy_on_selected_rows(score, ke
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     stats = token_stats(h.detach(), w.detach(), labels, chunk_size=8, entropy=strategy.needs_entropy,
                         keep_probs=keep_probs)
-    mask = strategy.select_step(stats, {}).mask
+    mask = select_as_training(strategy, stats, {}).mask
     value = weighted_loss(h, w, labels, mask.float() / mask.sum(), stats, chunk_size=8)
     value.backward()
 
@@ -172,7 +173,7 @@ def test_ada_eslm_alpha_follows_the_rule_and_respects_bounds():
     hit_hi = hit_lo = False
     for step, easy in enumerate(easy_counts):
         stats = batch_with_easy_frac(easy, m, step)
-        out = ada.select_step(stats, {})
+        out = select_as_training(ada, stats, {})
         # The selection uses α before the update: ⌈(1−α)M⌉ highest losses.
         assert out.metrics["alpha"] == pytest.approx(expected, rel=1e-12)
         # α is no short decimal here: round away float noise (1e-16) before the ceiling.
@@ -193,7 +194,7 @@ def test_ada_eslm_default_moves_alpha_slowly_towards_easy_frac():
     assert (ada.alpha, ada.alpha_min, ada.alpha_max, ada.momentum) == (0.5, 0.2, 0.9, 0.05)
     expected = 0.5
     for step in range(5):
-        ada.select_step(batch_with_easy_frac(140, 200, step), {})  # easy_frac 0.7 > α: α rises
+        select_as_training(ada, batch_with_easy_frac(140, 200, step), {})  # easy_frac 0.7 > α: α rises
         expected = 0.95 * expected + 0.05 * 0.7
         assert ada.alpha == pytest.approx(expected, rel=1e-12)
     assert 0.5 < ada.alpha < 0.7
@@ -203,14 +204,14 @@ def test_ada_eslm_state_dict_round_trip_gives_identical_selections():
     batches = [batch_with_easy_frac(e, 150, s) for s, e in enumerate([10, 140, 90, 30, 120, 150, 0, 75])]
     first = AdaESLM(momentum=0.2)
     for stats in batches[:4]:
-        first.select_step(stats, {})
+        select_as_training(first, stats, {})
     state = copy.deepcopy(first.state_dict())
     assert set(state) == {"alpha"} and state["alpha"] == first.alpha
     resumed = AdaESLM(momentum=0.2)  # a fresh strategy, as on resume, then the checkpoint's state
     assert resumed.alpha != state["alpha"]
     resumed.load_state_dict(state)
     for stats in batches[4:]:
-        a, b = first.select_step(stats, {}), resumed.select_step(stats, {})
+        a, b = select_as_training(first, stats, {}), select_as_training(resumed, stats, {})
         assert torch.equal(a.mask, b.mask) and a.metrics == b.metrics
     assert first.alpha == resumed.alpha
 
@@ -220,7 +221,7 @@ def test_ada_eslm_entropy_ranks_tokens_but_easy_frac_uses_loss():
     entropy = torch.tensor([5.0, 4.0, 0.1, 0.2, 3.0, 0.3, 0.4, 2.0])
     ada = AdaESLM(score="entropy", alpha=0.5)
     assert ada.needs_entropy
-    out = ada.select_step(stats_of(loss, entropy), {})
+    out = select_as_training(ada, stats_of(loss, entropy), {})
     assert kept(out.mask) == {0, 1, 4, 7}
     assert out.metrics["easy_frac"] == 0.5
 
@@ -236,7 +237,7 @@ def test_random_is_uniform_over_positions():
     strategy = Random(ratio=ratio)
     counts = torch.zeros(m)
     for draw in range(draws):
-        mask = strategy.select_step(None, positions(draw, m)).mask
+        mask = select_as_training(strategy, None, positions(draw, m)).mask
         assert int(mask.sum()) == 15
         counts += mask
     freq = counts / draws
@@ -250,20 +251,20 @@ def test_random_is_a_function_of_the_positions_alone():
     other tokens (another device's, another micro-batch's under scope=local) another subset."""
     strategy = Random(ratio=0.6)
     torch.manual_seed(1)
-    a = strategy.select_step(None, positions(7, 100)).mask
+    a = select_as_training(strategy, None, positions(7, 100)).mask
     torch.manual_seed(2)
     torch.rand(5)
-    assert torch.equal(strategy.select_step(None, positions(7, 100)).mask, a)
-    rank1 = strategy.select_step(None, {"positions": positions(7, 100)["positions"] + 1}).mask
+    assert torch.equal(select_as_training(strategy, None, positions(7, 100)).mask, a)
+    rank1 = select_as_training(strategy, None, {"positions": positions(7, 100)["positions"] + 1}).mask
     assert not torch.equal(rank1, a)
 
 
 def test_non_finite_scores_are_a_one_line_error():
     loss = torch.rand(20)
     loss[3] = float("nan")
-    one_line_error(lambda: ESLM(alpha=0.5).select_step(stats_of(loss), {}), "1 of 20 selection scores are NaN")
+    one_line_error(lambda: select_as_training(ESLM(alpha=0.5), stats_of(loss), {}), "1 of 20 selection scores are NaN")
     loss[3] = float("inf")
-    one_line_error(lambda: ESLM(alpha=0.5).select_step(stats_of(loss), {}), "NaN or infinite")
+    one_line_error(lambda: select_as_training(ESLM(alpha=0.5), stats_of(loss), {}), "NaN or infinite")
 
 
 # ---- bad input ----------------------------------------------------------------------------------

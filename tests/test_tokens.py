@@ -104,10 +104,11 @@ def tokenizer_and_eos(ckpt: Path):  # type: ignore[no-untyped-def]
 
 
 def test_text_page_in_the_browser(checkpointed_run: Path, tmp_path: Path) -> None:
-    """value=loss, selection=eslm (alpha 0.4: keeps the 60% highest-loss tokens) on a short text."""
+    """value=loss, selection=eslm (alpha 0.4: keeps the 60% highest-loss tokens; the run trained with
+    CLM, so the command line names the strategy) on a short text."""
     ckpt = checkpointed_run / "checkpoints" / "last.ckpt"
     out = tmp_path / "page.html"
-    ok(slm("tokens", f"ckpt_path={ckpt}", f"text={TEXT}", "value=loss", f"out={out}", cwd=tmp_path))
+    ok(slm("tokens", f"ckpt_path={ckpt}", f"text={TEXT}", "value=loss", "selection=eslm", f"out={out}", cwd=tmp_path))
     page = out.read_text()
     assert "http://" not in page and "https://" not in page and "src=\"//" not in page  # no request of its own
     dom, png = chromium(out, tmp_path)
@@ -183,7 +184,7 @@ def test_quote_text_round_trips() -> None:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
-    from slm_cli.commands.tokens import quote_text
+    from slm_cli.arguments import quote_text
 
     parser = OverridesParser.create()
     for text in [TEXT, "it's \\ a \\' test \\", "f(${HOME}, [1, 2]) = {a: b}", "", "x='y'"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from slm_cli.summary import RunSummary
 from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, slm, train
 
 
@@ -41,8 +43,11 @@ def test_run_outputs(run: Path) -> None:
     val = [float(r["val/loss"]) for r in rows if r["val/loss"]]
     assert len(val) == 2  # at steps 100 and 200
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("steps", "train_tokens", "selected_tokens", "val_loss", "val_ppl", "flops_total",
-                "flops_clm_equivalent", "flops_saved_frac", "train_tokens_per_s", "wall_s"):
+    # one key per figure of the schema (slm_cli/summary.py), every one filled
+    assert list(summary) == [f.name for f in dataclasses.fields(RunSummary)]
+    assert all(value is not None for value in summary.values())
+    for key in ("steps", "train_tokens", "selected_tokens", "val_loss", "val_ppl", "flops_realized",
+                "flops_clm", "flops_saved_frac_nominal", "train_tokens_per_s", "wall_s"):
         assert key in summary, key
     assert summary["val_loss"] == pytest.approx(val[-1], rel=1e-6)
     assert summary["val_ppl"] == pytest.approx(math.exp(summary["val_loss"]), rel=1e-9)
@@ -56,9 +61,9 @@ def test_accounting_matches_analytic_formula(run: Path) -> None:
     assert summary["selected_tokens"] == summary["train_tokens"]  # CLM trains on every token
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     per_token = analytic_flops_per_token(state, n_layer=2, block_size=32, n_embd=64)
-    assert summary["flops_clm_equivalent"] == summary["train_tokens"] * per_token
-    assert summary["flops_total"] == summary["flops_clm_equivalent"]
-    assert summary["flops_saved_frac"] == 0.0 and summary["flops_saved_frac_realized"] == 0.0
+    assert summary["flops_clm"] == summary["train_tokens"] * per_token
+    assert summary["flops_realized"] == summary["flops_clm"]
+    assert summary["flops_saved_frac_nominal"] == 0.0 and summary["flops_saved_frac_realized"] == 0.0
 
 
 def test_model_learns(run: Path) -> None:
@@ -102,6 +107,9 @@ STRATEGIES = {
     "eslm_entropy": ["selection=eslm", "selection.score=entropy", "selection.alpha=0.5"],
     "ada_eslm": ["selection=ada_eslm"],
     "rho1_online": ["selection=rho1", "selection.reference.mode=online"],
+    "hier_eslm": ["selection=hier_eslm", "selection.score_positions=8"],
+    # a warm start: CLM for 15 steps, then ESLM; the resume at step 10 crosses the start step
+    "eslm_warm_start": ["selection=eslm", "trainer.selection_start_step=15"],
 }
 
 
@@ -119,11 +127,13 @@ def test_resume_is_exact(strategy: str, run: Path, tiny_data: Path, tmp_path: Pa
                     f"ckpt_path={tmp_path}/half/checkpoints/last.ckpt", *common, cwd=tmp_path)
     assert resumed["steps"] == 20
     assert abs(resumed["val_loss"] - whole["val_loss"]) < 1e-6
-    for key in ("train_tokens", "selected_tokens", "flops_total", "flops_nominal", "flops_clm_equivalent"):
+    for key in ("train_tokens", "selected_tokens", "flops_realized", "flops_nominal", "flops_clm"):
         assert resumed[key] == whole[key], key
     a = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "resumed/checkpoints/last.ckpt", weights_only=True)
     assert a["slm"]["selection"] == b["slm"]["selection"]
+    if strategy == "eslm_warm_start":  # every token for 15 steps, then ⌈0.6·M⌉ of the M = 4·32 per step
+        assert whole["selected_tokens"] == 15 * 128 + 5 * math.ceil(0.6 * 128)
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6)
 
@@ -184,3 +194,25 @@ def test_resuming_with_another_strategy(first: str, then: str, tiny_data: Path, 
     if then == "ada_eslm":  # started at its configured alpha 0.5, then adapted for 2 steps
         assert ckpt["slm"]["selection"]["state"]["alpha"] != 0.5
     assert ckpt["slm"]["selection"]["name"] == then
+
+
+def test_a_baseline_trains_on_the_grid_rho1_uses(tiny_data: Path) -> None:
+    """data.window_grid puts CLM's (or random's) windows where RHO-1's precomputed scores put RHO-1's:
+    starts on multiples of the grid; a strategy with a grid of its own refuses another one."""
+    from slm_cli.data.prepared import load_prepared
+    from slm_cli.data.windows import TrainWindows
+    from slm_cli.errors import SlmError
+    from slm_cli.run import window_grid
+    from slm_cli.selection.clm import CLM
+
+    class Gridded(CLM):
+        def window_grid(self, block_size: int) -> int:
+            return 64
+
+    assert window_grid(CLM(), None, 32) is None and window_grid(CLM(), 32, 32) == 32
+    assert window_grid(Gridded(), None, 32) == window_grid(Gridded(), 64, 32) == 64
+    with pytest.raises(SlmError, match="data.window_grid=32 but selection=clm trains on the grid of its scores"):
+        window_grid(Gridded(), 32, 32)
+    tokens = load_prepared(tiny_data / "tiny").tokens("train")
+    starts = TrainWindows(tokens, 32, seed=3, grid=window_grid(CLM(), 32, 32))[np.arange(64)]["positions"][:, 0] - 1
+    assert (starts % 32 == 0).all() and len(set(starts.tolist())) > 32  # on the grid, and spread over it

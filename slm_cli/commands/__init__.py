@@ -9,6 +9,7 @@ register_logger_resolvers()  # W&B run ids, names and groups (slm_cli/loggers.py
 CONFIG_PATH = "pkg://slm_cli.conf"
 VERSION_BASE = "1.3"
 
-# How this process was started (sys.argv[0] before `slm` rewrites it for Hydra): Lightning starts the
-# other ranks of a local multi-device run with the same program (slm_cli.commands.launch.local_launch).
-PROGRAM = ""
+# The environment variable holding how this process was started (sys.argv[0] before `slm` rewrites it
+# for Hydra), set by slm_cli/__main__.py: Lightning starts the other ranks of a local multi-device run
+# with the same program (slm_cli.commands.launch.local_launch).
+PROGRAM_ENV = "SLM_PROGRAM"

@@ -1,5 +1,6 @@
 """Starting `slm` jobs: the checks and environment that Hydra's launchers and Lightning's local
-process launcher need (one process per device, also inside a multirun sweep or a SLURM job)."""
+process launcher need (one process per device, also inside a multirun sweep or a SLURM job), and
+how `slm train` starts: the plan alone (dry_run=true), or the run."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
 from slm_cli.errors import SlmError
 
@@ -49,14 +52,15 @@ def local_launch(command: str) -> Iterator[None]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
-    from slm_cli.commands import PROGRAM  # a sibling module: set by __main__ before the job runs
+    from slm_cli.commands import PROGRAM_ENV
 
+    program = os.environ.get(PROGRAM_ENV)  # set by slm_cli/__main__.py before the job runs
     ours = "LOCAL_RANK" not in os.environ
     saved_env = {k: os.environ.get(k) for k in LAUNCH_ENV}
     saved_argv = sys.argv[:]
-    if ours and PROGRAM and HydraConfig.initialized():
+    if ours and program and HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
-        sys.argv = [PROGRAM, command, *hydra_cfg.overrides.task]
+        sys.argv = [program, command, *hydra_cfg.overrides.task]
         with read_write(hydra_cfg), open_dict(hydra_cfg):
             hydra_cfg.run.dir = hydra_cfg.runtime.output_dir
     try:
@@ -71,3 +75,25 @@ def local_launch(command: str) -> Iterator[None]:
                     os.environ[key] = value
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+
+
+def launch_train(cfg: DictConfig) -> float | None:
+    """`slm train`: the plan (dry_run=true, leaving no run dir), or the launcher check and the run;
+    returns the final validation loss, the value a Hydra sweeper optimises."""
+    from slm_cli.run import discard_unstarted, dry_run, train
+
+    run_dir = Path(cfg.paths.output_dir)
+    if cfg.dry_run:
+        try:
+            dry_run(cfg)
+        finally:  # a plan leaves no run dir behind
+            discard_unstarted(run_dir)
+        return None
+    try:
+        check_launcher()
+    except SlmError:
+        discard_unstarted(run_dir)
+        raise
+    with local_launch("train"):
+        summary = train(cfg)
+    return summary["val_loss"]

@@ -11,12 +11,14 @@ import logging
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 
 from slm_cli.config import is_int, is_number
 from slm_cli.data.tokenizer import eos_id
 from slm_cli.errors import SlmError
 from slm_cli.model.generate import generate
 from slm_cli.model.load import load_gpt
+from slm_cli.run_settings import run_config
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +47,12 @@ def sample(spec: str, prompt: str = "", *, max_new_tokens: int = 100, temperatur
     model, entry = load_gpt(spec)
     tokenizer = Tokenizer.from_str(entry["tokenizer_json"])
     try:
-        eos = eos_id(tokenizer, ((entry.get("config") or {}).get("data") or {}).get("eos_token"))
+        eos = eos_id(tokenizer, (run_config(spec, entry).get("data") or {}).get("eos_token"))
     except SlmError:  # a tokenizer without an end-of-text token: nothing to stop at or start from
         eos = None
     ids = tokenizer.encode(prompt).ids if prompt else ([eos] if eos is not None else [])
     if not ids:
-        raise SlmError(f"the tokenizer of {spec} has no end-of-text token to start from: pass a prompt")
+        raise SlmError(f"ckpt_path={spec}: its tokenizer has no end-of-text token to start from: pass a prompt")
     block = model.config.block_size
     if len(ids) > block:
         log.warning(f"the prompt is {len(ids)} tokens, longer than the context ({block}): the model sees its last "
@@ -66,4 +68,16 @@ def sample(spec: str, prompt: str = "", *, max_new_tokens: int = 100, temperatur
         if stop_at_eos and eos in row:
             row = row[: row.index(eos)]
         texts.append(tokenizer.decode(row, skip_special_tokens=False))
+    return texts
+
+
+def print_samples(cfg: DictConfig) -> list[str]:
+    """`slm sample`: the continuations of conf/sample.yaml's settings, printed after the prompt."""
+    texts = sample(str(cfg.ckpt_path), str(cfg.prompt), max_new_tokens=cfg.max_new_tokens,
+                   temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed, num_samples=cfg.num_samples,
+                   stop_at_eos=cfg.stop_at_eos, device=cfg.device)
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- sample {i + 1} ---")
+        print(f"{cfg.prompt}{text}")
     return texts

@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,11 @@ from slm_cli.errors import SlmError
 from slm_cli.model.hf import require_hf, to_hf
 from slm_cli.model.load import checkpoint_file, load_model
 from slm_cli.outputs import RUN_DIR_CHECKPOINT, load_checkpoint
+from slm_cli.summary import RunSummary
+from slm_cli.summary import read as read_summary
 
 # What the model card shows of the run's resolved config.
 CARD_SECTIONS = ("selection", "target", "model", "data", "optim")
-SUMMARY_FIGURES = ("steps", "train_tokens", "selected_tokens", "val_loss", "val_ppl", "flops_nominal",
-                   "flops_realized", "flops_clm", "flops_saved_frac_nominal", "flops_saved_frac_realized", "params")
 
 
 def check_out(out: Path, replace: bool) -> None:
@@ -117,22 +118,19 @@ def write_tokenizer(folder: Path, tokenizer_json: str, eos: str, block_size: int
     (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
 
 
-def run_summary(ckpt_file: Path, ckpt: dict[str, Any]) -> dict[str, Any] | None:
+def run_summary(ckpt_file: Path, ckpt: dict[str, Any]) -> RunSummary | None:
     """The run's summary.json, when ``ckpt_file`` is the run's final last.ckpt (the summary
     describes that state, not an earlier step<N>.ckpt)."""
     if ckpt_file.parts[-2:] != RUN_DIR_CHECKPOINT.parts:
         return None
-    path = ckpt_file.parent.parent / "summary.json"
     try:
-        summary = json.loads(path.read_text())
+        summary = read_summary(ckpt_file.parent.parent)
     except (OSError, ValueError):
         return None
-    if not isinstance(summary, dict) or summary.get("steps") != ckpt.get("global_step"):
-        return None
-    return summary
+    return summary if summary.steps == ckpt.get("global_step") else None
 
 
-def model_card(name: str, ckpt: dict[str, Any], model: Any, hf: Any, summary: dict[str, Any] | None) -> str:
+def model_card(name: str, ckpt: dict[str, Any], model: Any, hf: Any, summary: RunSummary | None) -> str:
     """README.md: what the model is, how to load it, and how slm trained it."""
     from omegaconf import OmegaConf
 
@@ -159,8 +157,9 @@ def model_card(name: str, ckpt: dict[str, Any], model: Any, hf: Any, summary: di
         f"| validation loss (slm, padded vocabulary) | {_figure(ckpt['slm'].get('val_loss'))} |", "",
     ]
     if summary:
-        lines += ["## Run summary (summary.json)", "", "| key | value |", "|---|---|"]
-        lines += [f"| `{k}` | {_figure(summary[k])} |" for k in SUMMARY_FIGURES if k in summary]
+        lines += ["## Run summary (summary.json)", "", "| key | value | meaning |", "|---|---|---|"]
+        lines += [f"| `{f.name}` | {_figure(value)} | {f.metadata['doc']} |" for f in fields(summary)
+                  if f.metadata["kind"] == "number" and (value := getattr(summary, f.name)) is not None]
         lines.append("")
     sections = {k: cfg[k] for k in CARD_SECTIONS if k in cfg}
     if sections:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,9 @@ MARKER = "report.md"  # every report folder holds one: staged_folder replaces on
 FIXED_SHOWN = ["selection.name", "selection.ratio", "selection.alpha", "target.name", "model.name", "data.name",
                "trainer.max_steps", "data.batch_size", "model.block_size", "trainer.accumulate_grad_batches",
                "trainer.devices", "trainer.num_nodes", "optim.lr"]
-FLOPS_NOTE = ("FLOPs: nominal is the papers' accounting, realised what the code executed (docs/flops.md); "
-              "saved = 1 − FLOPs / FLOPs of CLM steps on the same tokens.")
+FLOPS_NOTE = ("FLOPs: realised is what the code executed, nominal the papers' accounting (the backward pass "
+              "of the selected tokens only; docs/flops.md); saved = 1 − FLOPs / FLOPs of CLM steps on the same "
+              "tokens.")
 
 
 def report(cfg: DictConfig) -> Path:
@@ -48,6 +50,27 @@ def report(cfg: DictConfig) -> Path:
         named = [str(found)]
     runs = find_runs(named)
     out = Path(cfg.out) if cfg.out else default_out(named, Path(cfg.paths.log_dir))
+    written = write(runs, out)
+    header, rows = results_rows(written.table, _namer(_common_dir(runs)))
+    print(markdown_table(header[:-1], [r[:-1] for r in rows]))  # the console table, without run names
+    print(f"report: {out / 'report.html'} ({len(runs)} runs, {len(written.table.rows)} configurations; "
+          f"{out / MARKER}, report.csv, {len(written.figures)} plots)")
+    return out
+
+
+@dataclass
+class Report:
+    """A report written: its results table, its comparisons against CLM and its figures (files in
+    ``out``, with their captions), for a page that builds on it (slm_cli/report/results.py)."""
+
+    out: Path
+    table: Table
+    comparisons: list[matched.Comparison]
+    figures: list[tuple[Path, str]]
+
+
+def write(runs: Sequence[Run], out: Path) -> Report:
+    """The report of ``runs`` written into the folder ``out``, as one."""
     table = build_table(runs)
     base = _common_dir(runs)
     comparisons = matched.compare(table)
@@ -62,11 +85,7 @@ def report(cfg: DictConfig) -> Path:
             (stage / MARKER).write_text(markdown(table, runs, base, figures, comparisons))
     except PermissionError as exc:
         raise SlmError(f"cannot write the report to {out} ({exc.strerror}): pass out=<a folder you can write>") from None
-    header, rows = results_rows(table, _namer(base))
-    print(markdown_table(header[:-1], [r[:-1] for r in rows]))  # the console table, without run names
-    print(f"report: {out / 'report.html'} ({len(runs)} runs, {len(table.rows)} configurations; "
-          f"{out / MARKER}, report.csv, {len(figures)} plots)")
-    return out
+    return Report(out, table, comparisons, [(out / path.name, caption) for path, caption in figures])
 
 
 def default_out(named: Sequence[str], log_dir: Path) -> Path:
@@ -113,8 +132,8 @@ def _aligns(header: Sequence[str], first_numeric: int) -> str:
 
 
 AGAINST_CLM = ("Each configuration beside CLM runs of the same setting: at the same steps, at the same "
-               "nominal FLOPs and at the same realised FLOPs (CLM given fewer steps). against_clm.csv has "
-               "the figures at full precision.")
+               "realised FLOPs and at the same nominal FLOPs, the papers' accounting (CLM given fewer steps). "
+               "against_clm.csv has the figures at full precision.")
 
 
 def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]],

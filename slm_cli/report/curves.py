@@ -123,7 +123,7 @@ _SHORT = {"step": "step", "tokens": "tokens", "flops/nominal": "nominal FLOPs", 
 
 def _axis_label(x: str) -> str:
     return {"step": "optimizer step", "tokens": "training tokens seen",
-            "flops/nominal": "training FLOPs, nominal (cumulative)",
+            "flops/nominal": "training FLOPs, nominal, the papers' accounting (cumulative)",
             "flops/realized": "training FLOPs, realised (cumulative)"}[x]
 
 

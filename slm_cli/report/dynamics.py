@@ -4,7 +4,7 @@
 1. A fixed held-out token set: the first ``tokens`` predicted tokens of the run's val split
    (stream positions 1..N), in the non-overlapping windows of the model's context that `slm eval`
    uses, so every token is scored from the same context at every checkpoint.
-2. Its per-token loss (slm_cli/loss.py's ``token_stats``) at every checkpoint of the run:
+2. Its per-token loss (slm_cli/loss.py's ``model_token_stats``) at every checkpoint of the run:
    ``checkpoints/step*.ckpt`` in step order, and ``last.ckpt`` when it is a later step.
 3. Per token, the least-squares line through (x_k, ℓ_k) over the K checkpoints, x_k the checkpoint's
    step (``x=step``, the default) or its index 0..K−1 (``x=index``, the paper's: their checkpoints
@@ -43,11 +43,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slm_cli.errors import SlmError
+from slm_cli.loss import model_token_stats
 from slm_cli.outputs import RUN_DIR_CHECKPOINT, atomic_write, load_checkpoint, write_json
 from slm_cli.report.dynamics_classes import CLASSES, RULES, class_means, classify, shares
 from slm_cli.report.dynamics_page import plot, print_summary, render_page
 from slm_cli.report.folder import staged_folder
-from slm_cli.report.tokens import model_stats
+from slm_cli.run_settings import describe_data, run_config
 
 MARKER = "dynamics.json"  # staged_folder replaces an existing out= folder only if it holds one
 _STEP = re.compile(r"^step(\d+)(\.ckpt)?$")
@@ -61,25 +62,25 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     found = sorted((int(m.group(1)), p) for p in folder.glob("step*") if (m := _STEP.match(p.name)))
     last = run / RUN_DIR_CHECKPOINT
     if last.exists():
-        step = int(load_checkpoint(last, tensors=False).get("global_step", -1))
+        step = int(load_checkpoint(last, tensors=False, key="run").get("global_step", -1))
         if not found or step > found[-1][0]:
             found.append((step, last))
     if len(found) < 2:
-        raise SlmError(f"{run} has {len(found)} checkpoint{'s' if len(found) != 1 else ''} under checkpoints/, but a "
-                       "trend needs at least 2: train with trainer.checkpoint_every_n_steps below "
+        raise SlmError(f"run={run} has {len(found)} checkpoint{'s' if len(found) != 1 else ''} under checkpoints/, "
+                       "but a trend needs at least 2: train with trainer.checkpoint_every_n_steps below "
                        "trainer.max_steps (e.g. a tenth of it)")
     return found
 
 
-def heldout(config: dict[str, Any], data_dir: str, spec: Path, split: str, n_tokens: int,
+def heldout(settings: DictConfig, spec: Path, split: str, n_tokens: int,
             block_size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, int]:
     """The held-out windows (input_ids, labels: (W, T)), the stream (positions 0..W·T) and the
-    number of tokens used (``n_tokens``, or fewer if the split is shorter)."""
+    number of tokens used (``n_tokens``, or fewer if the split is shorter). ``settings`` holds the
+    run's ``data`` and ``paths``."""
     from slm_cli.data.prepare import prepare
     from slm_cli.data.windows import ValWindows
 
-    data_cfg = OmegaConf.create(config["data"])
-    prepared = prepare(data_cfg, OmegaConf.create({"data_dir": data_dir}), tokenizer_spec=str(spec))
+    prepared = prepare(settings.data, settings.paths, tokenizer_spec=str(spec))
     stream = prepared.tokens(split)
     windows = ValWindows(stream, block_size)
     available = len(windows) * block_size
@@ -97,15 +98,25 @@ def heldout(config: dict[str, Any], data_dir: str, spec: Path, split: str, n_tok
 def losses_at(path: Path, input_ids: torch.Tensor, labels: torch.Tensor, n_tokens: int,
               batch_size: int) -> np.ndarray:
     """(n_tokens,) float32 per-token loss of the checkpoint at ``path``."""
-    from slm_cli.model.load import load_model
+    from slm_cli.model.load import load_slm
 
-    model = load_model(load_checkpoint(path))
-    out = [model_stats(model, input_ids[s: s + batch_size], labels[s: s + batch_size], entropy=False).loss
+    model, _ = load_slm(path, key="run")
+    out = [model_token_stats(model, input_ids[s: s + batch_size], labels[s: s + batch_size]).loss
            for s in range(0, len(input_ids), batch_size)]
     return torch.cat(out)[:n_tokens].numpy().astype(np.float32)
 
 
 # ---- the command ------------------------------------------------------------------------------
+
+def run_settings(run: Path, entry: dict[str, Any], data_dir: str | None) -> DictConfig:
+    """The run's ``data`` and ``paths`` (its config: slm_cli/run_settings.py), with ``data_dir`` if given."""
+    config = run_config(run, entry)
+    if "data" not in config:
+        raise SlmError(f"run={run} holds no training config (neither its checkpoint nor .hydra/config.yaml): pass "
+                       "run=<a run dir written by `slm train`>")
+    paths = {"data_dir": str(data_dir) if data_dir is not None else str(config.get("paths", {}).get("data_dir", "data"))}
+    return OmegaConf.create({"data": config["data"], "paths": paths})
+
 
 def _check(cfg: DictConfig) -> None:
     from slm_cli.config import is_int, is_number
@@ -113,7 +124,7 @@ def _check(cfg: DictConfig) -> None:
     if cfg.run is None:
         raise SlmError("pass the run: slm dynamics run=<run dir with periodic checkpoints>")
     if not Path(str(cfg.run)).is_dir():
-        raise SlmError(f"run={cfg.run} is not a folder: pass a run dir written by `slm train`")
+        raise SlmError(f"run={cfg.run} is not a folder: pass run=<a run dir written by `slm train`>")
     rules = [
         (cfg.split in ("val", "train"), "split", cfg.split, "val or train", "val"),
         (is_int(cfg.tokens) and cfg.tokens > 0, "tokens", cfg.tokens, "a positive number of tokens", "8192"),
@@ -151,13 +162,11 @@ def dynamics(cfg: DictConfig) -> Path:
     found = checkpoints(run)
     steps = [s for s, _ in found]
     last = found[-1][1]
-    ckpt = load_checkpoint(last, tensors=False)
-    config = ckpt["slm"].get("config")  # the run's resolved config
-    if not config or "data" not in config:
-        raise SlmError(f"checkpoint {last} holds no run config: pass a run dir written by `slm train`")
+    ckpt = load_checkpoint(last, tensors=False, key="run")
+    settings = run_settings(run, ckpt["slm"], cfg.data_dir)
+    print(f"dynamics: {run}'s data ({describe_data(settings)}), split {cfg.split}")
     block_size = int(ckpt["slm"]["model"]["block_size"])
-    data_dir = str(cfg.data_dir) if cfg.data_dir is not None else str(config.get("paths", {}).get("data_dir", "data"))
-    input_ids, labels, stream, n = heldout(config, data_dir, last, cfg.split, int(cfg.tokens), block_size)
+    input_ids, labels, stream, n = heldout(settings, last, cfg.split, int(cfg.tokens), block_size)
     losses = np.stack([losses_at(path, input_ids, labels, n, int(cfg.batch_size)) for _, path in found])
     x = np.asarray(steps if cfg.x == "step" else range(len(steps)), dtype=np.float64)
     classes = classify(x, losses, cfg.rule, float(cfg.trend), None if cfg.high_loss is None else float(cfg.high_loss))

@@ -86,7 +86,3 @@ def image(png: Path | bytes, alt: str) -> str:
 
 def figure(png: Path | bytes, caption: str) -> str:
     return f"<figure>{image(png, caption)}<figcaption>{escape(caption)}</figcaption></figure>"
-
-
-def preformatted(text: str) -> str:
-    return f"<pre>{escape(text)}</pre>"

@@ -1,6 +1,6 @@
 """The figures of `slm report`, drawn with matplotlib's Agg backend into PNG files.
 
-- val_loss_vs_flops.png: final validation loss against nominal and realised FLOPs, one series per
+- val_loss_vs_flops.png: final validation loss against realised and nominal FLOPs, one series per
   strategy, seed spread as error bars, the Pareto front of all configurations dashed;
 - loss_vs_tokens.png, loss_vs_flops.png: training and validation loss curves (mean over seeds,
   ±1 std shaded);
@@ -39,14 +39,18 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+# The realised FLOPs (what the code executed) on the left, the papers' nominal accounting beside them.
+PANELS = (("flops_realized", "realised", "training FLOPs, realised (total per run)"),
+          ("flops_nominal", "nominal", "training FLOPs, nominal, the papers' accounting (total per run)"))
+
+
 def val_loss_vs_flops(table: Table, path: Path) -> Path | None:
     plt = pyplot()
     style, series = styles(table)
     along = [c for c in table.columns if c in ALONG_SERIES]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.6), sharey=True)
     drawn = False
-    for ax, (figure, name) in zip(axes, (("flops_nominal", "nominal"), ("flops_realized", "realised")),
-                                  strict=True):
+    for ax, (figure, name, xlabel) in zip(axes, PANELS, strict=True):
         everything: list[tuple[float, float]] = []
         for label, members in series.items():
             pts = []
@@ -83,7 +87,7 @@ def val_loss_vs_flops(table: Table, path: Path) -> Path | None:
                     linestyle="--", linewidth=1, zorder=0, label="Pareto front")
         _log_if_wide(ax, [p[0] for p in everything], ratio=10.0)
         eng(ax)
-        ax.set_xlabel(f"training FLOPs, {name} (total per run)")
+        ax.set_xlabel(xlabel)
         ax.set_title(f"final validation loss vs {name} FLOPs")
         ax.grid(True, alpha=0.3)
     axes[0].set_ylabel(f"validation {LOSS}")
@@ -96,13 +100,14 @@ def val_loss_vs_flops(table: Table, path: Path) -> Path | None:
 
 # (file name, caption, drawing function)
 FIGURES: list[tuple[str, str, Callable[[Table, Path], Path | None]]] = [
-    ("val_loss_vs_flops.png", "Final validation loss against the training FLOPs, nominal (the papers' "
-     "accounting) and realised (what the code executed); mean over seeds, error bars ±1 std; dashed: "
+    ("val_loss_vs_flops.png", "Final validation loss against the training FLOPs, realised (what the code "
+     "executed) and nominal (the papers' accounting); mean over seeds, error bars ±1 std; dashed: "
      "the Pareto front.", val_loss_vs_flops),
     ("loss_vs_tokens.png", "Training and validation loss against training tokens seen; mean over seeds, "
      "±1 std shaded.", lambda t, p: loss_curves(t, p, ["tokens"])),
-    ("loss_vs_flops.png", "Training and validation loss against cumulative training FLOPs, nominal (left) "
-     "and realised (right).", lambda t, p: loss_curves(t, p, ["flops/nominal", "flops/realized"])),
+    ("loss_vs_flops.png", "Training and validation loss against cumulative training FLOPs, realised (left) "
+     "and nominal, the papers' accounting (right).",
+     lambda t, p: loss_curves(t, p, ["flops/realized", "flops/nominal"])),
     ("val_loss_by_source.png", "A mixture's validation loss on each of its sources against training tokens; "
      "mean over seeds, ±1 std shaded.", source_curves),
     ("selection.png", "Selected fraction of each step's tokens, and ESLM's alpha (adapted by Ada-ESLM), "

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -24,9 +22,11 @@ from typing import Any
 import yaml
 
 from slm_cli.errors import SlmError
+from slm_cli.summary import FILE as SUMMARY
+from slm_cli.summary import RunSummary
+from slm_cli.summary import read as read_summary
 
 CONFIG = Path(".hydra") / "config.yaml"
-SUMMARY = "summary.json"
 # Where the CSV logger has put metrics.csv: the run dir itself (conf/logger/csv.yaml), a csv/
 # folder (earlier versions), Lightning's own default layout (<name>/version_<n>/).
 METRICS = ("metrics.csv", "csv/metrics.csv", "*/metrics.csv", "*/*/metrics.csv")
@@ -41,7 +41,7 @@ class Run:
 
     dir: Path
     config: dict[str, Any]
-    summary: dict[str, Any] | None
+    summary: RunSummary | None
     status: str
     note: str = ""                      # why a run is not finished, in a few words
     sweep: Path | None = None           # the sweep dir holding it, if any
@@ -63,7 +63,7 @@ class Run:
 
     @cached_property
     def figures(self) -> dict[str, float]:
-        """The summary's numbers under today's names (older runs: see :func:`summary_figures`)."""
+        """The summary's numbers by key (see :func:`summary_figures`)."""
         return summary_figures(self.summary) if self.summary else {}
 
     @property
@@ -92,51 +92,15 @@ class Run:
 SOURCE_LOSS = "val_loss:"  # figure name prefix of a mixture source's validation loss
 
 
-def number_of(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def summary_figures(summary: dict[str, Any]) -> dict[str, float]:
-    """The numbers of a summary.json, with the FLOPs under today's names.
-
-    Runs written before the rename have ``flops_total`` (realised), ``flops_clm_equivalent`` and
-    ``flops_saved_frac`` (nominal) only; docs/outputs.md lists the correspondence. Nominal FLOPs
-    then follow from the nominal saved fraction: nominal = clm × (1 − saved_frac).
-    """
-    def number(*keys: str) -> float | None:
-        for key in keys:
-            if (value := number_of(summary.get(key))) is not None:
-                return value
-        return None
-
-    out: dict[str, float | None] = {
-        "steps": number("steps"),
-        "train_tokens": number("train_tokens"),
-        "selected_tokens": number("selected_tokens"),
-        "val_loss": number("val_loss"),
-        "val_ppl": number("val_ppl"),
-        "flops_realized": number("flops_realized", "flops_total"),
-        "flops_clm": number("flops_clm", "flops_clm_equivalent"),
-        "flops_saved_frac_nominal": number("flops_saved_frac_nominal", "flops_saved_frac"),
-        "flops_nominal": number("flops_nominal"),
-        "flops_saved_frac_realized": number("flops_saved_frac_realized"),
-        "train_tokens_per_s": number("train_tokens_per_s"),
-        "wall_s": number("wall_s"),
-        "params": number("params"),
-    }
-    sources = summary.get("val_sources")
-    if isinstance(sources, dict):  # a mixture's validation loss per source (docs/data.md)
-        out.update({f"{SOURCE_LOSS}{name}": number_of(value) for name, value in sources.items()})
-    clm = out["flops_clm"]
-    if out["flops_nominal"] is None and clm is not None and out["flops_saved_frac_nominal"] is not None:
-        out["flops_nominal"] = clm * (1.0 - out["flops_saved_frac_nominal"])
-    if out["flops_saved_frac_realized"] is None and clm and out["flops_realized"] is not None:
-        out["flops_saved_frac_realized"] = 1.0 - out["flops_realized"] / clm
-    if out["val_ppl"] is None and out["val_loss"] is not None:
-        out["val_ppl"] = math.exp(min(out["val_loss"], 700.0))
-    if out["train_tokens"] and out["selected_tokens"] is not None:
-        out["selected_frac"] = out["selected_tokens"] / out["train_tokens"]
-    return {k: v for k, v in out.items() if v is not None}
+def summary_figures(summary: RunSummary) -> dict[str, float]:
+    """The numbers of a summary (slm_cli/summary.py reads older key names): its figures, a
+    mixture's validation loss per source (``val_loss:<source>``) and the selected fraction."""
+    out = summary.numbers()
+    # a mixture's validation loss per source (docs/data.md)
+    out.update({f"{SOURCE_LOSS}{name}": value for name, value in (summary.val_sources or {}).items()})
+    if summary.train_tokens and summary.selected_tokens is not None:
+        out["selected_frac"] = summary.selected_tokens / summary.train_tokens
+    return out
 
 
 def flat_get(config: dict[str, Any], dotted: str) -> Any:
@@ -223,9 +187,7 @@ def read_run(run_dir: Path) -> Run:
     summary_path = run_dir / SUMMARY
     if summary_path.is_file():
         try:
-            summary = json.loads(summary_path.read_text())
-            if not isinstance(summary, dict):
-                raise ValueError("not a JSON object")
+            summary = read_summary(summary_path)
         except (OSError, ValueError) as exc:
             run.status, run.note = FAILED, f"unreadable {SUMMARY} ({str(exc).splitlines()[0][:80]})"
             return run

@@ -5,11 +5,13 @@ Each token is drawn in the text with its background coloured by one per-token va
 loss, its predictive entropy, a reference model's loss, or the excess loss ℓ − ℓ_ref that RHO-1
 ranks by (arXiv 2404.07965). The tokens the strategy would keep are underlined: the real strategy,
 built from conf/selection/*.yaml, whose ``features()`` and ``select()`` (slm_cli/selection/base.py)
-run on the statistics of slm_cli/loss.py's ``token_stats`` (and the reference's own ``token_stats``),
-with the page's tokens as the whole batch. Hovering a token shows all of its values.
+run on the statistics of slm_cli/loss.py's ``model_token_stats`` (and the reference's own
+``token_stats``), with the page's tokens as the whole batch. Hovering a token shows all of its values.
 
-This module computes the values; slm_cli/report/token_page.py draws the page. :func:`model_stats`
-is also how `slm dynamics` (slm_cli/report/dynamics.py) scores tokens.
+Given an slm run, the strategy and the corpus of ``split=`` are the run's own (slm_cli/run_settings.py)
+unless the command line sets ``selection``/``data``: the page marks what the run's selection keeps.
+
+This module computes the values; slm_cli/report/token_page.py draws the page.
 """
 
 from __future__ import annotations
@@ -22,9 +24,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from slm_cli.errors import SlmError
-from slm_cli.loss import TokenStats, token_stats
+from slm_cli.loss import model_token_stats
 from slm_cli.outputs import atomic_write
 from slm_cli.report.token_page import LABELS, VALUES, TokenView, page, token_pieces
+from slm_cli.run_settings import (
+    command_line_keys,
+    describe_data,
+    describe_selection,
+    follow,
+    run_config,
+    whose,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -36,20 +46,13 @@ if TYPE_CHECKING:
 
 # ---- the statistics ---------------------------------------------------------------------------
 
-@torch.no_grad()
-def model_stats(model: GPT, input_ids: torch.Tensor, labels: torch.Tensor, entropy: bool = True) -> TokenStats:
-    """slm_cli/loss.py's per-token statistics of (B, T) windows, flat (B·T rows): the loss over the
-    padded head, exactly as training and `slm eval` compute it."""
-    return model(input_ids, head=lambda h, w: token_stats(h.reshape(-1, h.shape[-1]), w, labels.reshape(-1),
-                                                          entropy=entropy, keep_probs=False))
-
-
 def build_strategy(selection_cfg: DictConfig) -> Selection:
     """The strategy of conf/selection/<name>.yaml with the user's settings. A RHO-1 reference is run
     here on the page's tokens, so the strategy reads its losses from the batch (mode precomputed)
     rather than loading the reference a second time."""
-    from slm_cli.run import build
+    from slm_cli.config import build
 
+    # A followed run's config may hold `scope`, a training setting rather than the strategy's.
     settings = OmegaConf.masked_copy(selection_cfg, [k for k in selection_cfg if k != "scope"])
     if "reference" in settings:
         settings.reference.mode = "precomputed"
@@ -59,7 +62,7 @@ def build_strategy(selection_cfg: DictConfig) -> Selection:
 def compute(model: GPT, input_ids: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor,
             strategy: Selection, reference: ReferenceModel | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Per-token values of one (1, n) window and the strategy's mask over its n tokens."""
-    stats = model_stats(model, input_ids, labels)
+    stats = model_token_stats(model, input_ids, labels, entropy=True)
     values = {"loss": stats.loss.double().numpy(), "entropy": stats.entropy.double().numpy()}
     batch: dict[str, torch.Tensor] = {"input_ids": input_ids, "labels": labels, "positions": positions}
     if reference is not None:
@@ -118,8 +121,8 @@ def _window(cfg: DictConfig, model: GPT, tokenizer: Tokenizer, eos: int | None, 
         if not ids:
             raise SlmError("the text is empty: pass text=\"...\" with at least one token")
         if eos is None:
-            raise SlmError(f"the tokenizer of {cfg.ckpt_path} has no end-of-text token to start the text from: "
-                           "pass split=val window=<K> instead")
+            raise SlmError(f"ckpt_path={cfg.ckpt_path}: its tokenizer has no end-of-text token to start the text "
+                           "from: pass split=val window=<K> instead")
         if len(ids) > block:
             raise SlmError(f"the text is {len(ids)} tokens but the model's context is {block} tokens: shorten it to "
                            f"{block} tokens or fewer (or show a corpus window: split=val window=<K>)")
@@ -138,7 +141,9 @@ def _window(cfg: DictConfig, model: GPT, tokenizer: Tokenizer, eos: int | None, 
     return item["input_ids"][None], item["labels"][None], item["positions"][None]
 
 
-def _reference(cfg: DictConfig, tokenizer_json: str, strategy: Selection) -> ReferenceModel | None:
+def _reference(cfg: DictConfig, taken: list[str], tokenizer_json: str, strategy: Selection) -> ReferenceModel | None:
+    """The reference model of ``reference=`` (by default the selection's
+    ``selection.reference.ckpt_path``), checked against the model's tokenizer; None if none is needed."""
     from slm_cli.selection.rho1 import Rho1
 
     spec = cfg.reference
@@ -146,20 +151,30 @@ def _reference(cfg: DictConfig, tokenizer_json: str, strategy: Selection) -> Ref
         if cfg.value in ("reference_loss", "excess"):
             raise SlmError(f"value={cfg.value} needs a reference model: pass reference=<checkpoint> (or "
                            "selection=rho1 selection.reference.ckpt_path=<checkpoint>)")
+        if isinstance(strategy, Rho1) and "selection" in taken:
+            raise SlmError(f"the selection of {cfg.ckpt_path} (selection=rho1) read its reference losses from `slm "
+                           "score`: pass reference=<that reference checkpoint> to mark its choice here")
         if isinstance(strategy, Rho1):
             raise SlmError("selection=rho1 ranks tokens by a reference model's losses: pass "
                            "selection.reference.ckpt_path=<reference checkpoint, run dir or Hugging Face folder>")
         return None
-    from tokenizers import Tokenizer
-
-    from slm_cli.data.tokenizer import tokenizer_sha256
+    from slm_cli.model.load import TokenizerId, check_tokenizer
     from slm_cli.reference.models import load
 
-    reference = load(str(spec))
-    if reference.tokenizer_sha256 != tokenizer_sha256(Tokenizer.from_str(tokenizer_json)):
-        raise SlmError(f"reference {spec} uses another tokenizer than {cfg.ckpt_path}: pass a reference trained "
-                       "with the same tokenizer (data.tokenizer=<the model's checkpoint>)")
+    key = "reference" if "reference" in command_line_keys() else "selection.reference.ckpt_path"
+    reference = load(str(spec), key=key)
+    check_tokenizer(reference.tokenizer_id, TokenizerId.of_json(tokenizer_json, f"ckpt_path={cfg.ckpt_path}"),
+                    key=key, spec=str(spec), fix=f"pass a {key} trained with the tokenizer of ckpt_path")
     return reference
+
+
+def _settings_line(cfg: DictConfig, taken: list[str], text: str | None) -> str:
+    """The first printed line: the selection marked and where the tokens come from, and which of
+    these are the run's own."""
+    spec = str(cfg.ckpt_path)
+    source = "the text given" if text is not None else (
+        f"{whose('data', taken, spec)}data ({describe_data(cfg)}), split {cfg.split} window {cfg.window}")
+    return f"tokens: {whose('selection', taken, spec)}selection ({describe_selection(cfg.selection)}), {source}"
 
 
 def view(cfg: DictConfig) -> tuple[TokenView, dict[str, Any]]:
@@ -171,18 +186,23 @@ def view(cfg: DictConfig) -> tuple[TokenView, dict[str, Any]]:
 
     _check(cfg)
     text = _text(cfg)
-    strategy = build_strategy(cfg.selection)
     model, entry = load_gpt(str(cfg.ckpt_path))
-    reference = _reference(cfg, entry["tokenizer_json"], strategy)
+    run = run_config(str(cfg.ckpt_path), entry)
+    cfg, taken = follow(cfg, run, ("data", "paths.data_dir", "selection"))
+    print(_settings_line(cfg, taken, text))
+    strategy = build_strategy(cfg.selection)
+    reference = _reference(cfg, taken, entry["tokenizer_json"], strategy)
     tokenizer = Tokenizer.from_str(entry["tokenizer_json"])
     try:
-        eos = eos_id(tokenizer, ((entry.get("config") or {}).get("data") or {}).get("eos_token"))
+        eos = eos_id(tokenizer, (run.get("data") or {}).get("eos_token"))
     except SlmError:
         eos = None
     input_ids, labels, positions = _window(cfg, model, tokenizer, eos, text)
-    if reference is not None and labels.shape[1] > reference.block_size:
-        raise SlmError(f"the text is {labels.shape[1]} tokens but the context of reference {reference.spec} is "
-                       f"{reference.block_size} tokens: shorten the text to {reference.block_size} tokens or fewer")
+    n = labels.shape[1]
+    if reference is not None:
+        shorter = f"shorten the text to {reference.block_size} tokens or fewer"
+        reference.check_context(n, what=f"the page's {n} tokens",
+                                fix=shorter if text is not None else f"pass a {reference.key} with a longer context")
     values, mask = compute(model, input_ids, labels, positions, strategy, reference)
     ids = labels[0].tolist()
     if text is not None:
@@ -195,8 +215,6 @@ def view(cfg: DictConfig) -> tuple[TokenView, dict[str, Any]]:
             "source": "text" if text is not None else f"{cfg.split} window {cfg.window}",
             "reference": None if reference is None else reference.spec}
     return TokenView(ids=ids, pieces=pieces, values=values, selected=mask, before=before), info
-
-
 
 
 def tokens(cfg: DictConfig) -> Path:

@@ -1,20 +1,26 @@
 """The interface every token-selection strategy implements.
 
-A strategy decides in three steps, which the training loop (slm_cli/module.py) calls:
+A strategy decides in three steps, which the training step (slm_cli/module.py) calls:
 
 1. :meth:`Selection.features`: per micro-batch, on the device that holds it, the flat per-token
    values the decision needs: the model's loss and, on request, its predictive entropy, plus
    anything from the batch itself (per-token arrays stored beside the corpus, such as reference
    losses).
-2. :meth:`Selection.select`: the 0/1 mask over any set of tokens. With `selection.scope=global`
-   the loop gathers the features of every micro-batch on every device first, so one call sees
-   the whole global batch, exactly as on one device; with `scope=local` it sees one micro-batch.
+2. :meth:`Selection.select`: the 0/1 mask over a set of tokens: one micro-batch's (the default
+   trainer.selection_scope=micro_batch) or the whole global batch's, gathered across micro-batches
+   and devices (global_batch); slm_cli/selection/scope.py decides which.
 3. :meth:`Selection.update`: once per optimizer step, with the features of the whole global
-   batch, for strategies that adapt (Ada-ESLM's α), so every device holds the same state.
+   batch, for strategies that :attr:`adapt <Selection.adapts>` (Ada-ESLM's α), so every device
+   holds the same state.
 
-The training loop turns the mask into per-token weights 1/|S| (|S| counted over the global batch)
-and computes the LM-head backward only for the selected rows (slm_cli/loss.py), so a strategy
-never touches gradients.
+A strategy may also select whole windows first (instance-level selection, :attr:`exit_layer`):
+the training step scores each window of a micro-batch with an early exit of the model
+(slm_cli/selection/instances.py), :meth:`select_windows` keeps some, and only those go through the
+full forward and backward, where the token-level selection above applies.
+
+The training step turns the mask into per-token weights and computes the LM-head backward only for
+the selected rows (slm_cli/loss.py), so a strategy never touches gradients. What a plan or a report
+needs to know of a strategy is asked of it (:meth:`keep_fraction`, :meth:`plan_keep_fractions`).
 
 A new strategy is one module here plus one YAML file in conf/selection/ whose `_target_` names it.
 """
@@ -36,6 +42,7 @@ from slm_cli.loss import TokenStats
 
 if TYPE_CHECKING:
     from slm_cli.data.prepared import PreparedData
+    from slm_cli.model.gpt import GPTConfig
 
 
 @dataclass
@@ -55,6 +62,13 @@ class Selection:
     # select from the batch alone, so global scope over several micro-batches needs no scoring
     # pass for them (slm_cli/selection/scope.py) and the baseline pays for no machinery it does not use.
     reads_model: bool = True
+    # Whether update() changes the strategy's state (Ada-ESLM's α): only then does the step gather
+    # the whole global batch's features for it.
+    adapts: bool = False
+    # Instance-level selection: blocks the early exit runs to score each window (None: no
+    # instance selection; every window of the batch is trained on).
+    exit_layer: int | None = None
+    score_positions: int | None = None  # positions per window the early exit reads (None: all)
 
     def features(self, stats: TokenStats | None, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Flat (M,) tensors of one micro-batch that :meth:`select` reads. `stats` is flat
@@ -78,12 +92,30 @@ class Selection:
         whole global batch; returns metrics to log. Most strategies keep no state."""
         return {}
 
-    def select_step(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> Selected:
-        """A whole optimizer step on a single micro-batch (one device, no accumulation)."""
-        feats = self.features(stats, batch)
-        selected = self.select(feats)
-        selected.metrics.update(self.update(feats))
-        return selected
+    def configure(self, model: GPTConfig) -> None:
+        """Called once the model's settings are known (before training and in a dry-run plan), for
+        settings that depend on them; raises SlmError for values the model cannot take."""
+
+    def keep_fraction(self) -> float:
+        """The share of a batch's tokens this strategy trains on now (1 for CLM): what the
+        dry-run plan, the logs and the reports quote as its budget."""
+        return 1.0
+
+    def window_keep_fraction(self) -> float:
+        """The share of each micro-batch's windows that go through the full forward and backward
+        (instance-level selection; 1 without it)."""
+        return 1.0
+
+    def plan_keep_fractions(self) -> dict[str, float]:
+        """The token keep fractions a plan should show for this strategy, by label: one for most
+        strategies; Ada-ESLM's α moves, so its plan shows the bounds of its range."""
+        return {"": self.keep_fraction()}
+
+    def select_windows(self, features: Mapping[str, Tensor]) -> Selected:
+        """Instance-level selection: the mask over the windows of one micro-batch from their
+        per-window features (B,) scored by the early exit. Only strategies with an
+        :attr:`exit_layer` are asked."""
+        raise NotImplementedError
 
     def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         """Per-token arrays aligned with train.bin to be gathered into every training batch under

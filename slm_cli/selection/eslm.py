@@ -1,7 +1,7 @@
 """ESLM and Ada-ESLM: risk-averse selective language modelling (arXiv 2505.19893).
 
-ESLM scores every token of the batch (the global batch by default; slm_cli/selection/scope.py)
-by its risk S_j (the model's loss ℓ_j or predictive entropy H_j, computed without gradient) and
+ESLM scores every token of the batch (one micro-batch by default, or the global batch:
+slm_cli/selection/scope.py) by its risk S_j (the model's loss ℓ_j or predictive entropy H_j, computed without gradient) and
 trains only on the high-risk tail: the tokens at or above the batch's value-at-risk at
 confidence α. With S_j = ℓ_j the training loss, the mean loss
 over the kept tokens, is the empirical conditional value-at-risk (Rockafellar–Uryasev)
@@ -37,9 +37,9 @@ SCORES = ("loss", "entropy")
 
 
 class ESLM(Selection):
-    """Keep the ⌈(1−α)M⌉ highest-risk tokens of the M tokens selected over: the whole global
-    batch (every micro-batch on every device; selection.scope=global, the default) or one
-    micro-batch (scope=local), as slm_cli/selection/scope.py hands them over.
+    """Keep the ⌈(1−α)M⌉ highest-risk tokens of the M tokens selected over: one micro-batch
+    (trainer.selection_scope=micro_batch, the default) or the whole global batch (every micro-batch
+    on every device; global_batch), as slm_cli/selection/scope.py hands them over.
 
     The default α = 0.4 keeps 60% of the tokens, the same budget as `random` (ratio 0.6) and the
     Rho-1 default, so the strategies compare at equal FLOPs out of the box; larger α (the paper
@@ -58,6 +58,9 @@ class ESLM(Selection):
         scores = features[self.score]
         mask, threshold = top_k_mask(scores, keep_count(1.0 - self.alpha, scores.numel()))
         return Selected(mask=mask, metrics={"alpha": self.alpha, "threshold": threshold})
+
+    def keep_fraction(self) -> float:
+        return 1.0 - self.alpha
 
 
 class AdaESLM(ESLM):
@@ -79,6 +82,7 @@ class AdaESLM(ESLM):
     """
 
     name = "ada_eslm"
+    adapts = True
 
     def __init__(
         self,
@@ -108,6 +112,11 @@ class AdaESLM(ESLM):
         mixed = (1.0 - self.momentum) * self.alpha + self.momentum * easy_frac
         self.alpha = min(max(mixed, self.alpha_min), self.alpha_max)
         return {"easy_frac": easy_frac}
+
+    def plan_keep_fractions(self) -> dict[str, float]:
+        """α moves within [alpha_min, alpha_max]: the plan is made at alpha_min, the most tokens
+        and where α settles within ~20 steps in every run of docs/results.md, and at alpha_max."""
+        return {"alpha_min": 1.0 - self.alpha_min, "alpha_max": 1.0 - self.alpha_max}
 
     def state_dict(self) -> dict[str, Any]:
         return {"alpha": self.alpha}

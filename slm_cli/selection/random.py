@@ -4,10 +4,10 @@ It trains on as many tokens as a scored strategy at the same keep ratio, but pic
 so a gain over Random is due to *which* tokens are chosen, not to how many.
 
 The draw is a pure function of the tokens it selects among: a generator seeded with a hash of
-their stream positions. So it is reproducible and resumes exactly with no saved state; under
-scope=global every device draws the same subset of the global batch (the gathered positions are
-the same everywhere), and under scope=local each device and micro-batch draws its own (their
-positions differ), instead of every device keeping the same in-batch positions.
+their stream positions. So it is reproducible and resumes exactly with no saved state; each
+micro-batch draws its own subset (their positions differ) rather than every device keeping the
+same in-batch positions, and under trainer.selection_scope=global_batch every device draws the
+same subset of the gathered global batch.
 """
 
 from __future__ import annotations
@@ -48,3 +48,6 @@ class Random(Selection):
         mask = torch.zeros(m, dtype=torch.bool)
         mask[kept] = True
         return Selected(mask=mask.to(positions.device))
+
+    def keep_fraction(self) -> float:
+        return self.ratio

@@ -1,7 +1,7 @@
 """RHO-1 Selective Language Modeling (Lin et al. 2024, arXiv 2404.07965).
 
 A reference model trained on curated data scores every token; the model trains only on the top
-``ratio`` of each global batch's tokens (or micro-batch's, with selection.scope=local) by
+``ratio`` of each micro-batch's tokens (or global batch's, trainer.selection_scope=global_batch) by
 
 - ``excess`` (the paper's method): Δ_j = ℓ_j − ℓ^ref_j, signed. Tokens the reference finds easy
   but the model does not yet predict are the learnable ones; noise has a high ℓ^ref and a low Δ.
@@ -55,6 +55,9 @@ class Rho1(Selection):
         self.path = ref.get("path")
         self.ref_name = ref.get("name")
         self.ckpt_path = ref.get("ckpt_path")
+        # Only the excess loss reads the model being trained; the reference-only scores select
+        # from the batch alone, so no scoring pass is ever needed for them (scope.py).
+        self.reads_model = self.score == "excess"
         self.reference: ReferenceModel | None = None
         self.scores_meta: dict[str, Any] = {}
         if self.mode == "online":
@@ -63,7 +66,7 @@ class Rho1(Selection):
                                "selection.reference.ckpt_path=<slm checkpoint or Hugging Face folder>")
             from slm_cli.reference.models import load
 
-            self.reference = load(str(self.ckpt_path))
+            self.reference = load(str(self.ckpt_path), key="selection.reference.ckpt_path")
 
     def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         if self.reference is not None:
@@ -88,9 +91,14 @@ class Rho1(Selection):
             raise SlmError(f"reference losses were scored with sliding windows (context={context}, stride={stride}), "
                            "so their contexts differ from the training windows': run `slm score data=<same data> "
                            f"ckpt_path={ref} context={block_size} stride={block_size}` (a grid, the default)")
-        if block_size > context:
-            raise SlmError(f"model.block_size={block_size} is longer than the reference's scoring windows "
-                           f"({context} tokens): run `slm score data=<same data> ckpt_path={ref} context={block_size}`")
+        if block_size != context:
+            # A training window starts on the grid and holds block_size labels: shorter windows
+            # would never train the labels past block_size in each scored window, longer ones
+            # would read scores computed in another context.
+            what = "longer" if block_size > context else "shorter"
+            raise SlmError(f"model.block_size={block_size} is {what} than the reference's scoring windows "
+                           f"({context} tokens), so training windows would not be the scored ones: run `slm score "
+                           f"data=<same data> ckpt_path={ref} context={block_size}`, or set model.block_size={context}")
         return context
 
     def scoring_flops(self) -> float:
@@ -104,9 +112,7 @@ class Rho1(Selection):
         """Flat (M,) reference loss and, when it is the score, entropy."""
         if self.reference is not None:
             ref = self.reference
-            if batch["input_ids"].shape[1] > ref.block_size:
-                raise SlmError(f"training windows of {batch['input_ids'].shape[1]} tokens exceed the context of "
-                               f"reference {ref.spec} ({ref.block_size}): lower model.block_size")
+            ref.check_context(batch["input_ids"].shape[1])
             if ref.device != device:
                 ref.to(device)
             loss, entropy = ref.token_stats(batch["input_ids"], batch["labels"])
@@ -118,11 +124,13 @@ class Rho1(Selection):
         return (batch["ref_loss"].reshape(-1).to(device, torch.float32),
                 None if entropy is None else entropy.reshape(-1).to(device, torch.float32))
 
-    def features(self, stats: TokenStats, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    def features(self, stats: TokenStats | None, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         # The reference runs (online) or is read (precomputed) where the micro-batch is; only
         # these flat values travel when the selection is global.
-        ref_loss, ref_entropy = self._reference_stats(batch, stats.loss.device)
-        feats = {"loss": stats.loss, "ref_loss": ref_loss}
+        ref_loss, ref_entropy = self._reference_stats(batch, (stats.loss if stats is not None else batch["input_ids"]).device)
+        feats = {"ref_loss": ref_loss}
+        if stats is not None:
+            feats["loss"] = stats.loss
         if self.score == "reference_entropy":
             feats["ref_entropy"] = ref_entropy
         return feats
@@ -137,3 +145,6 @@ class Rho1(Selection):
             scores = -features["ref_entropy"]
         mask, threshold = top_k_mask(scores, keep_count(self.ratio, scores.numel()))
         return Selected(mask=mask, metrics={"threshold": threshold, "ref_loss": float(ref_loss.mean())})
+
+    def keep_fraction(self) -> float:
+        return self.ratio

@@ -1,39 +1,41 @@
-"""Where a strategy selects: over the whole global batch, across devices and micro-batches, or over
-one micro-batch (selection.scope; docs/scaling.md). The strategy itself (slm_cli/selection/*.py)
-only maps features to a mask; this module decides which features it sees and what a selected
-token weighs, so that every strategy is correct on any number of devices by construction.
+"""Where a strategy selects (trainer.selection_scope; docs/scaling.md). The strategy
+(slm_cli/selection/*.py) only maps features to a mask; a scope decides which tokens one selection
+ranks together and what a selected token weighs, so that every strategy behaves the same on any
+number of devices by construction.
 
-- ``global`` (default): one selection over the global batch, every micro-batch on every device,
-  from features gathered across devices; each selected token weighs world_size / |S| with |S|
-  counted over the global batch (DDP and FSDP average gradients over devices), so the update is
-  the one a single device computes on the whole batch. With one micro-batch per step the
-  features are gathered inside the forward; with several, a forward without gradients scores
-  them all first (:meth:`Planner.score`).
-- ``local``: each micro-batch selects on its own and is a mean over its own selection; the step
-  averages micro-batches and devices. No extra pass and no gathering (except for adaptive state).
+- ``micro_batch`` (default): each micro-batch selects among its own tokens, inside its own forward:
+  no second pass and nothing gathered. A selected token weighs 1/(|S_k|·A), |S_k| its micro-batch's
+  selection and A the micro-batches per step on this device; DDP and FSDP average over devices.
+  Rank r's micro-batch k holds the same rows of the global batch as micro-batch r·A + k of one
+  process (StepSampler), so for a given ``data.batch_size`` the same tokens are selected and the
+  update is the same whatever the devices and accumulation. The ranking is over B·T tokens.
+- ``global_batch``: one selection over the whole global batch, every micro-batch on every device,
+  from features gathered across devices; a selected token weighs world_size/|S| with |S| counted
+  over the global batch, so the update is the one a single device computes on the whole batch,
+  whatever the split. With one micro-batch per step the features are gathered inside the forward;
+  with several, every micro-batch must be scored before the first backward, which for a strategy
+  that reads the model is a forward pass without gradients over the whole batch (F/3 FLOPs per
+  token, counted in realised FLOPs: :meth:`Scope.scoring_pass`).
+
+Adaptive state (Ada-ESLM's α) is updated once per step from the whole global batch's features
+(:meth:`Scope.step_features`), so every device holds the same state under either scope.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from slm_cli.loss import token_stats
-from slm_cli.selection.base import Selection
+from slm_cli.config import SCOPES
+from slm_cli.errors import SlmError
+from slm_cli.loss import model_token_stats
+from slm_cli.selection.base import Selection, keep_count
 
-
-@dataclass
-class StepSelection:
-    """A selection: over the whole global batch (scope=global), or over one micro-batch (local)."""
-
-    masks: list[Tensor]  # this device's mask of each micro-batch
-    scale: Tensor  # weight of a selected token: world_size / |S| (DDP and FSDP average over devices)
-    features: dict[str, Tensor]  # the features selected on (global batch; local scope: the micro-batch)
-    metrics: dict[str, float]
+Features = dict[str, Tensor]
 
 
 class Devices(NamedTuple):
@@ -44,74 +46,131 @@ class Devices(NamedTuple):
     all_gather: Callable[[Tensor], Tensor]
 
 
-class Planner:
-    def __init__(self, selection: Selection, scope: str, accumulate: int, chunk_size: int) -> None:
+ONE_DEVICE = Devices(0, 1, lambda t: t)
+
+
+@dataclass
+class Choice:
+    """One micro-batch's selection on this device: which tokens, and what each selected one weighs."""
+
+    mask: Tensor  # (M,) bool over the micro-batch's flat tokens
+    scale: Tensor  # () the loss weight of a selected token
+    metrics: dict[str, float]
+
+
+def gather(features: Mapping[str, Tensor], devices: Devices) -> Features:
+    """Features of every device, concatenated in rank order: rank r holds rows [r·b, (r+1)·b) of
+    the global batch (StepSampler), so this is the global batch's order, as on one device."""
+    if devices.world_size == 1:
+        return dict(features)
+    return {k: devices.all_gather(v.contiguous()).reshape(-1) for k, v in features.items()}
+
+
+def concat(features: list[Features]) -> Features:
+    return {k: torch.cat([f[k] for f in features]) for k in features[0]}
+
+
+class Scope:
+    """Base class: one selection per micro-batch or per global batch; see the module docstring."""
+
+    name = "base"
+
+    def __init__(self, selection: Selection, accumulate: int) -> None:
         self.selection = selection
-        self.scope = scope
         self.accumulate = accumulate
-        self.chunk_size = chunk_size
 
-    def gather(self, features: dict[str, Tensor], devices: Devices) -> dict[str, Tensor]:
-        """Features of every device, concatenated in rank order: rank r holds rows [r·b, (r+1)·b)
-        of the global batch (StepSampler), so this is the global batch's order, as on one device."""
-        if devices.world_size == 1:
-            return features
-        return {k: devices.all_gather(v.contiguous()).reshape(-1) for k, v in features.items()}
+    def scoring_pass(self) -> bool:
+        """Whether a step runs the model forward once more, without gradients, to score the batch."""
+        return False
 
-    def select_global(self, features: list[dict[str, Tensor]], devices: Devices) -> StepSelection:
-        """One selection over the features of this device's micro-batches and every other device's."""
-        local = {k: torch.cat([f[k] for f in features]) for k in features[0]}
-        everyone = self.gather(local, devices)
-        selected = self.selection.select(everyone)
-        m = _rows(local)
-        mine = selected.mask[devices.rank * m : (devices.rank + 1) * m]
-        count = selected.mask.sum().clamp_min(1)  # a tensor: no host sync here
-        return StepSelection(masks=list(mine.split([_rows(f) for f in features])),
-                             scale=devices.world_size / count, features=everyone, metrics=selected.metrics)
+    def start_step(self, model: nn.Module, micro: list[Features], devices: Devices, chunk_size: int) -> None:
+        """Called before the step's first micro-batch (the global scope plans its selection here)."""
 
-    def select_local(self, features: dict[str, Tensor]) -> StepSelection:
-        """scope=local: this micro-batch alone, a mean over its own selection; the step averages
-        the micro-batches (here) and the devices (DDP/FSDP)."""
+    def choose(self, index: int, features: Features, devices: Devices) -> Choice:
+        """The selection of micro-batch ``index`` of this step, from its features (made in its forward)."""
+        raise NotImplementedError
+
+    def selected_per_step(self, micro_tokens: int, micro_batches: int, keep: float) -> int:
+        """Tokens a step trains on at keep fraction ``keep`` when each of its ``micro_batches``
+        micro-batches (every device's) runs ``micro_tokens`` tokens forward: the dry-run plan's count."""
+        raise NotImplementedError
+
+    def step_features(self, micro_features: list[Features], devices: Devices) -> Features:
+        """The whole global batch's features (every micro-batch on every device), for
+        :meth:`Selection.update`; {} for a strategy that does not adapt (nothing is gathered)."""
+        if not self.selection.adapts:
+            return {}
+        return gather(concat(micro_features), devices)
+
+
+class MicroBatch(Scope):
+    name = "micro_batch"
+
+    def choose(self, index: int, features: Features, devices: Devices) -> Choice:
         selected = self.selection.select(features)
         scale = 1.0 / (selected.mask.sum().clamp_min(1) * self.accumulate)
-        return StepSelection(masks=[selected.mask], scale=scale, features=features, metrics=selected.metrics)
+        return Choice(selected.mask, scale, selected.metrics)
 
-    def select(self, features: dict[str, Tensor], devices: Devices) -> StepSelection:
-        """A selection made inside the forward of one micro-batch (no scoring pass)."""
-        return self.select_global([features], devices) if self.scope == "global" else self.select_local(features)
+    def selected_per_step(self, micro_tokens: int, micro_batches: int, keep: float) -> int:
+        return micro_batches * keep_count(keep, micro_tokens)
 
-    def plans_ahead(self, micro_batches: int) -> bool:
-        """Global scope over several micro-batches must see every micro-batch's features before
-        the first backward."""
-        return self.scope == "global" and micro_batches > 1
 
-    def needs_scoring_pass(self, micro_batches: int) -> bool:
-        """Planning ahead costs a forward pass only for a strategy that reads the model."""
-        return self.plans_ahead(micro_batches) and self.selection.reads_model
+class GlobalBatch(Scope):
+    name = "global_batch"
 
-    def plan(self, model: nn.Module, micro: list[dict[str, Tensor]], devices: Devices) -> StepSelection:
-        """The step's selection made before any backward: from the batch alone for a strategy that
-        does not read the model (CLM, random), else after a scoring pass (:meth:`score`)."""
-        if not self.selection.reads_model:
-            return self.select_global([self.selection.features(None, mb) for mb in micro], devices)
-        return self.score(model, micro, devices)
+    def __init__(self, selection: Selection, accumulate: int) -> None:
+        super().__init__(selection, accumulate)
+        self._planned: list[Choice] | None = None
+        self._features: Features = {}  # the global batch's, as selected on
 
-    def score(self, model: nn.Module, micro: list[dict[str, Tensor]], devices: Devices) -> StepSelection:
-        """scope=global with several micro-batches: a forward pass without gradients over every
-        micro-batch gives the features, so that one selection can see the whole global batch
-        before any backward. It costs one extra forward per step (counted in realised FLOPs);
-        keeping every micro-batch's graph instead would cost accumulate_grad_batches × the
+    def scoring_pass(self) -> bool:
+        return self.accumulate > 1 and self.selection.reads_model
+
+    def start_step(self, model: nn.Module, micro: list[Features], devices: Devices, chunk_size: int) -> None:
+        """With several micro-batches, the whole step's selection is made before any backward: from
+        the batch alone for a strategy that does not read the model (CLM, random), else after a
+        scoring pass. Keeping every micro-batch's graph instead would cost accumulate × the
         activation memory, which is what accumulation exists to avoid."""
+        self._planned = None
+        if len(micro) == 1:
+            return  # selected inside the forward (choose), from the features gathered there
+        if self.selection.reads_model:
+            features = [self.selection.features(model_token_stats(
+                model, mb["input_ids"], mb["labels"], entropy=self.selection.needs_entropy, chunk_size=chunk_size),
+                mb) for mb in micro]
+        else:
+            features = [self.selection.features(None, mb) for mb in micro]
+        self._planned = self._select(features, devices)
 
-        def head(hidden: Tensor, weight: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-            stats = token_stats(hidden.reshape(-1, hidden.shape[-1]), weight, batch["labels"].reshape(-1),
-                                chunk_size=self.chunk_size, entropy=self.selection.needs_entropy, keep_probs=False)
-            return self.selection.features(stats, batch)
+    def choose(self, index: int, features: Features, devices: Devices) -> Choice:
+        if self._planned is None:
+            return self._select([features], devices)[0]
+        return self._planned[index]
 
-        with torch.no_grad():
-            features = [model(mb["input_ids"], head=lambda h, w, mb=mb: head(h, w, mb)) for mb in micro]
-        return self.select_global(features, devices)
+    def step_features(self, micro_features: list[Features], devices: Devices) -> Features:
+        return self._features if self.selection.adapts else {}
+
+    def selected_per_step(self, micro_tokens: int, micro_batches: int, keep: float) -> int:
+        return keep_count(keep, micro_tokens * micro_batches)
+
+    def _select(self, features: list[Features], devices: Devices) -> list[Choice]:
+        """One selection over this device's micro-batches and every other device's."""
+        local = concat(features)
+        self._features = everyone = gather(local, devices)
+        selected = self.selection.select(everyone)
+        m = next(iter(local.values())).numel()
+        mine = selected.mask[devices.rank * m : (devices.rank + 1) * m]
+        scale = devices.world_size / selected.mask.sum().clamp_min(1)  # a tensor: no host sync here
+        sizes = [next(iter(f.values())).numel() for f in features]
+        return [Choice(mask, scale, selected.metrics) for mask in mine.split(sizes)]
 
 
-def _rows(features: dict[str, Tensor]) -> int:
-    return next(iter(features.values())).numel()
+def build_scope(name: str, selection: Selection, accumulate: int) -> Scope:
+    """The scope named by trainer.selection_scope."""
+    scopes = {MicroBatch.name: MicroBatch, GlobalBatch.name: GlobalBatch}
+    if name not in scopes:
+        raise SlmError(f"trainer.selection_scope={name} is not known: use one of {', '.join(SCOPES)}")
+    if name != MicroBatch.name and selection.exit_layer is not None:
+        raise SlmError(f"selection={selection.name} keeps windows per micro-batch: set "
+                       f"trainer.selection_scope={MicroBatch.name}")
+    return scopes[name](selection, accumulate)

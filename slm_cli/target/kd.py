@@ -32,15 +32,17 @@ gradient of the KD term by 1/T (≈1/T² in the high-T limit), and T² restores 
 gradient w.r.t. the student's logits is p_j·Σy_j − y_j = p_j − y_j at every T, already of the
 same size as the label term's; T² would only re-weight the KD term by T² against 1 − λ.
 
-**The teacher** (target.teacher: an slm checkpoint, run dir or Hugging Face GPT-2 folder, loaded by
-slm_cli/reference/models.py) runs frozen (eval mode, no_grad) on each micro-batch's input_ids, on
-the micro-batch's device, so its context is exactly the student's training window. It costs its
-forward, 2·N_t + 4·L_t·T_t·d_t FLOPs per token, on every token of every micro-batch whichever
-tokens the selection keeps: :meth:`KD.extra_forward_flops` adds it to the nominal and realised
-FLOPs. Checks: the data's tokenizer must be the teacher's (at :meth:`token_arrays`, before
-training); the teacher's context must hold the training windows. A target does not see
-model.block_size before training, so that check runs on every batch in :meth:`targets` (an int
-comparison) and fails on the first one, in one line, as the online RHO-1 reference's does.
+**The teacher** (target.teacher: an slm checkpoint, run dir or Hugging Face causal-LM folder, loaded
+as a reference model by slm_cli/reference/models.py) runs frozen (eval mode, no_grad) on each
+micro-batch's input_ids, on the micro-batch's device, so its context is exactly the student's
+training window; it hands its logits over in row blocks (``with_logit_blocks``: an slm teacher
+makes them block by block, so no (M, V) teacher logits exist at once). It costs its forward, 2·N_t + 4·L_t·T_t·d_t FLOPs per token, on
+every token of every micro-batch whichever tokens the selection keeps: :meth:`KD.extra_forward_flops`
+adds it to the nominal and realised FLOPs. Checks, the reference's own (named after target.teacher):
+the data's tokenizer must be the teacher's (at :meth:`token_arrays`, before training); the teacher's
+context must hold the training windows. A target does not see model.block_size before training, so
+that check runs on every batch in :meth:`targets` (an int comparison) and fails on the first one,
+in one line, as the online RHO-1 reference's does.
 """
 
 from __future__ import annotations
@@ -82,19 +84,14 @@ class KD(Target):
                            "GPT-2 folder> that uses the data's tokenizer")
         from slm_cli.reference.models import load
 
-        self.teacher: ReferenceModel = load(str(teacher))
+        self.teacher: ReferenceModel = load(str(teacher), key="target.teacher")
         vocab = self.teacher.vocab_size
         self.top_k = vocab if top_k is None else min(top_k, vocab)  # k ≥ V is the whole distribution
 
     def token_arrays(self, prepared: PreparedData) -> dict[str, np.ndarray]:
         """No arrays: the teacher runs on the batch. Checked here, once before training: the
         teacher's distribution is over the data's token ids only if it shares the tokenizer."""
-        t = self.teacher
-        if prepared.meta["tokenizer_sha256"] != t.tokenizer_sha256:
-            raise SlmError(f"teacher {t.spec} has vocabulary {t.vocab_size} (tokenizer {t.tokenizer_sha256[:8]}) but "
-                           f"the data in {prepared.dir} has {prepared.vocab_size} "
-                           f"({prepared.meta['tokenizer_sha256'][:8]}): prepare the data with "
-                           f"data.tokenizer={t.tokenizer_spec}")
+        self.teacher.check_data(prepared)
         return {}
 
     def max_entries(self) -> int:
@@ -120,25 +117,10 @@ class KD(Target):
     def teacher_top_k(self, input_ids: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         """Flat (M, k) ids and probabilities of the teacher's top k at temperature T, on ``device``."""
         t = self.teacher
-        if input_ids.shape[1] > t.block_size:
-            raise SlmError(f"training windows of {input_ids.shape[1]} tokens exceed the context of teacher {t.spec} "
-                           f"({t.block_size} tokens): lower model.block_size to {t.block_size} or use a teacher "
-                           "with a longer context")
+        t.check_context(input_ids.shape[1])
         if t.device != device:
             t.to(device)  # once: the teacher stays where the micro-batches are
-        ids = input_ids.to(device)
-        if t.kind == "slm":
-            # The GPT hands its head the final hidden states: logits are made block by block, so no
-            # (M, Vp) teacher logits exist at once. The padded head is multiplied whole (the FLOPs
-            # that forward_flops_per_token counts) and its unused columns cut before the softmax.
-            def head(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-                h = hidden.reshape(-1, hidden.shape[-1])
-                return self._top_k(h.shape[0], lambda rows: h[rows] @ weight.to(h.dtype).T)
-
-            return t.model(ids, head=head)
-        logits = t.model(input_ids=ids, use_cache=False).logits
-        flat = logits.reshape(-1, logits.shape[-1])
-        return self._top_k(flat.shape[0], lambda rows: flat[rows])
+        return t.with_logit_blocks(input_ids.to(device), self._top_k)
 
     def _top_k(self, rows: int, block: Callable[[slice], Tensor]) -> tuple[Tensor, Tensor]:
         vocab, k = self.teacher.vocab_size, self.top_k
@@ -147,7 +129,7 @@ class KD(Target):
         step = max(1, BLOCK_FLOATS // vocab)
         for s in range(0, rows, step):
             r = slice(s, s + step)
-            q = torch.softmax(block(r)[:, :vocab].float() / self.temperature, dim=-1)
+            q = torch.softmax(block(r).float() / self.temperature, dim=-1)
             if ids is None:
                 probs[r] = q  # the whole distribution: no top-k cut, no rest
             else:
