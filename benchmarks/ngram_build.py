@@ -126,7 +126,7 @@ def _ngram_build_child(path: str, n: int, r: int, shards: int, chunk_tokens: int
                 tracemalloc.start()
             t0 = time.perf_counter()
             _, _, stats = build_ngram(tokens, NGRAM_VOCAB, n, r, chunk_tokens=chunk_tokens, shards=shards,
-                                      out=(ids, probs))
+                                      dtype="float32", out=(ids, probs))
             seconds = time.perf_counter() - t0
             if traced:
                 result["traced_peak_bytes"] = tracemalloc.get_traced_memory()[1]
@@ -159,11 +159,11 @@ def _ngram_trie_child(path: str, prefix: int, n: int, r: int, repeats: int) -> d
         secs = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            build_ngram(tokens, NGRAM_VOCAB, n, r)
+            build_ngram(tokens, NGRAM_VOCAB, n, r, dtype="float32")
             secs.append(time.perf_counter() - t0)
         return secs
 
-    ids, probs, stats = build_ngram(tokens, NGRAM_VOCAB, n, r)  # the reference rows (and a warm-up)
+    ids, probs, stats = build_ngram(tokens, NGRAM_VOCAB, n, r, dtype="float32")  # the reference rows (and a warm-up)
     slm_s = [slm_builds()]
     result: dict[str, Any] = {**stats}
     for scan, top_r in TRIE_TOP_R.items():

@@ -33,6 +33,7 @@ from benchmarks import (  # noqa: E402
     gpu,
     loss_memory,
     ngram_build,
+    prepare_scale,
     selection_step,
     step_profile,
     target_step,
@@ -44,7 +45,7 @@ from slm_cli.machine import machine  # noqa: E402
 BENCHMARKS: dict[str, Benchmark] = {}
 ON_REQUEST = ("gpu",)  # needs a CUDA device: run by name only
 for _module in (clm_step, selection_step, step_profile, loss_memory, ngram_build, target_step, ddp_step, early_exit,
-                gpu):
+                prepare_scale, gpu):
     if _module.BENCHMARK.name in BENCHMARKS:
         raise ValueError(f"benchmark {_module.BENCHMARK.name!r} is registered twice")
     BENCHMARKS[_module.BENCHMARK.name] = _module.BENCHMARK

@@ -79,15 +79,14 @@ def _selection_variants(ref_ckpt: Path, optional: bool, block_size: int) -> list
 def _reference(data: list[str], prepared: PreparedData, threads: int, block_size: int) -> Path:
     """A tiny gpt2-nano reference trained with CLM on the benchmark corpus (same BPE, so the data
     folder is shared), scored over train.bin with `slm score`'s code path. Cached in .cache/."""
-    from slm_cli.commands.score import run as score
     from slm_cli.errors import SlmError
-    from slm_cli.reference.scores import load_scores
+    from slm_cli.reference.scores import load_scores_and_meta, run_score
 
     run_dir = CACHE_DIR / "runs" / "selection_step" / f"reference-L2-d64-T{block_size}-{REF_STEPS}steps"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
         with contextlib.suppress(SlmError):
-            load_scores(prepared, name=ref_name(block_size))
+            load_scores_and_meta(prepared, name=ref_name(block_size))
             print(f"reference: {ckpt} and its scores in {prepared.dir / f'ref-{ref_name(block_size)}'} (cached)")
             return ckpt
     t0 = time.perf_counter()
@@ -99,7 +98,7 @@ def _reference(data: list[str], prepared: PreparedData, threads: int, block_size
     train_s = time.perf_counter() - t0
     # context = the reference's block size, stride = context: the grid training windows start on.
     with contextlib.redirect_stderr(io.StringIO()):  # `slm score`'s progress bar (errors still raise)
-        result = score(compose("score", [*data, f"ckpt_path={ckpt}", f"name={ref_name(block_size)}", "batch_size=16"]))
+        result = run_score(compose("score", [*data, f"ckpt_path={ckpt}", f"name={ref_name(block_size)}", "batch_size=16"]))
     print(f"reference: gpt2-nano L=2 d=64, {REF_STEPS} CLM steps ({train_s:.0f}s) -> {ckpt}; scored {result['tokens']:,} "
           f"tokens at {result['tokens_per_s']:,.0f} tokens/s")
     return ckpt

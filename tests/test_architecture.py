@@ -71,3 +71,67 @@ def test_the_layer_check_can_fail(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from slm_cli.__main__ import main\n")
     assert "slm_cli.__main__.main" in _imports(bad) and layers()["slm_cli.__main__"] > 0
+
+
+def _package_graph(root: Path) -> dict[str, set[str]]:
+    """module -> the slm_cli modules it imports, from every import statement in it (at the top, inside
+    functions, under TYPE_CHECKING); a package's ``__init__.py`` is the package's own name."""
+    modules = {}
+    for path in (root / "slm_cli").rglob("*.py"):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for module, path in modules.items():
+        targets = (next((m for m in (name, name.rsplit(".", 1)[0]) if m in modules), None) for name in _imports(path))
+        graph[module] = {t for t in targets if t is not None and t != module}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every import circle: the strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = stack[stack.index(v):]
+            del stack[stack.index(v):]
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_circle() -> None:
+    cycles = _cycles(_package_graph(ROOT))
+    assert not cycles, "import circles in slm_cli:\n" + "\n".join(" <-> ".join(c) for c in cycles)
+
+
+def test_the_circle_check_can_fail(tmp_path: Path) -> None:
+    """A circle through a function-level import and one through a TYPE_CHECKING import are found;
+    a chain is not."""
+    package = tmp_path / "slm_cli"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("def f():\n    from slm_cli.b import g\n")
+    (package / "b.py").write_text("from slm_cli import c\n")
+    (package / "c.py").write_text("import slm_cli.a\n")
+    (package / "data" / "x.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                                           "    from slm_cli.data.y import Y\n")
+    (package / "data" / "y.py").write_text("from slm_cli.data import x\n")
+    (package / "data" / "z.py").write_text("from slm_cli.data.y import Y\n")
+    assert _cycles(_package_graph(tmp_path)) == [["slm_cli.a", "slm_cli.b", "slm_cli.c"],
+                                                 ["slm_cli.data.x", "slm_cli.data.y"]]

@@ -131,7 +131,7 @@ def test_stdlib_round_trip(paths: DictConfig) -> None:
     assert data.vocab_size == tok.get_vocab_size() == VOCAB
     assert data.dtype == np.uint16 and data.meta["dtype"] == "uint16"
     assert data.meta["tokenizer_sha256"] == tokenizer_sha256(tok)
-    assert not any(p.name.startswith(".prepare-") for p in data.dir.iterdir()), "temp files cleaned up"
+    assert not any(p.name.startswith(".staged-") for p in data.dir.iterdir()), "temp files cleaned up"
 
 
 def test_document_split_is_deterministic_and_keeps_order(
@@ -210,8 +210,8 @@ def test_literal_eos_text_is_not_a_separator(tmp_path: Path, paths: DictConfig) 
     assert split_docs(stream(data), data.eos_id, tok) == ["a <|endoftext|> b", "second document"]
 
 
-def test_worker_processes_give_the_same_tokens(tmp_path: Path, docs: list[str]) -> None:
-    corpus = tmp_path / "lines.txt"  # > 2 * DOCS_PER_PROC lines, so num_proc=2 really forks 2 workers
+def test_worker_threads_give_the_same_tokens(tmp_path: Path, docs: list[str]) -> None:
+    corpus = tmp_path / "lines.txt"  # > 2 * BATCH_DOCS lines, so num_proc=2 really encodes in 2 threads
     corpus.write_text("\n".join(f"{i} {line}" for i in range(12) for d in docs for line in d.splitlines()))
     runs = [
         prepare(
@@ -220,7 +220,7 @@ def test_worker_processes_give_the_same_tokens(tmp_path: Path, docs: list[str]) 
         )
         for n in (1, 2)
     ]
-    assert runs[0].meta["documents"] >= 2 * prepare_mod.DOCS_PER_PROC
+    assert runs[0].meta["documents"] >= 2 * prepare_mod.BATCH_DOCS
     assert np.array_equal(stream(runs[0]), stream(runs[1]))
 
 
@@ -267,11 +267,26 @@ def test_interrupted_prepare_leaves_no_meta(
     with pytest.raises(KeyboardInterrupt):
         prepare(files_cfg(corpus, vocab_size=VOCAB + 20), paths)
     assert not (data.dir / "meta.json").exists()
-    assert not any(p.name.startswith(".prepare-") for p in data.dir.iterdir())
+    assert not any(p.name.startswith(".staged-") for p in data.dir.iterdir())
     with pytest.raises(SlmError, match="no prepared data"):
         load_prepared(data.dir)
     monkeypatch.undo()
     assert prepare(files_cfg(corpus, vocab_size=VOCAB + 20), paths).vocab_size == VOCAB + 20
+
+
+def test_one_meta_writer_for_both_builds(paths: DictConfig, corpus: Path) -> None:
+    """A plain folder's meta.json holds exactly META_KEYS, and a mixture's adds only `mixture`: both
+    come from prepared_meta, which load_prepared's checks read."""
+    from slm_cli.data.prepared import META_KEYS, MIXTURE_KEY, prepared_meta
+
+    data = prepare(files_cfg(corpus), paths)
+    assert list(json.loads((data.dir / "meta.json").read_text())) == list(META_KEYS)
+    tok = load_tokenizer(str(data.tokenizer_path))
+    fields = {"source": "s", "fingerprint": "f", "source_fingerprint": "g", "tokenizer": tok, "tokenizer_spec": "bpe",
+              "eos_id": data.eos_id, "counts": {"train": 3, "val": 1}, "documents": 2, "settings": {}}
+    mixture = [{"name": "a", "train": [0, 3], "val": [0, 1]}]
+    assert list(prepared_meta(data.dir, **fields, mixture=mixture)) == [*META_KEYS, MIXTURE_KEY]
+    assert prepared_meta(data.dir, **fields)["dtype"] == token_dtype(tok.get_vocab_size()).name
 
 
 def test_load_prepared_validates(tmp_path: Path, paths: DictConfig, corpus: Path) -> None:

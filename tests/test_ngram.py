@@ -63,7 +63,7 @@ def fake_prepared(folder: Path, tokens: np.ndarray, vocab: int, fingerprint: str
 @pytest.mark.parametrize("r", [1, 3, 6])
 def test_rows_match_brute_force_counts(n: int, r: int) -> None:
     tokens = random_tokens(3000, vocab=6, seed=n * 10 + r)
-    ids, probs, stats = build_ngram(tokens, 6, n, r)
+    ids, probs, stats = build_ngram(tokens, 6, n, r, dtype="float32")
     want_ids, want_probs = brute_force(tokens, n, r)
     assert ids.dtype == np.uint16 and probs.dtype == np.float32 and ids.shape == probs.shape == (3000, r)
     np.testing.assert_array_equal(ids, want_ids)
@@ -76,7 +76,7 @@ def test_rows_match_brute_force_counts(n: int, r: int) -> None:
 def test_tie_break_and_padding_by_hand() -> None:
     # After 3 come 1, 0, 1, 0, 2: ids 0 and 1 tie (2 each) so 0 comes first; 2 is third.
     tokens = np.array([3, 1, 3, 0, 3, 1, 3, 0, 3, 2], np.uint16)
-    ids, probs, _ = build_ngram(tokens, 4, 2, 4)
+    ids, probs, _ = build_ngram(tokens, 4, 2, 4, dtype="float32")
     assert ids[1].tolist() == [0, 1, 2, 0] and probs[1].tolist() == pytest.approx([0.4, 0.4, 0.2, 0])
     assert ids[2].tolist() == [3, 0, 0, 0] and probs[2].tolist() == [1, 0, 0, 0]  # after 1: always 3
     assert ids[0].tolist() == [0] * 4 and probs[0].tolist() == [0] * 4  # no context
@@ -85,7 +85,7 @@ def test_tie_break_and_padding_by_hand() -> None:
 def test_large_vocabulary_uses_uint32_ids() -> None:
     rng = np.random.default_rng(1)
     tokens = (70_000 - 1 - rng.integers(0, 5, 2000)).astype(np.uint32)  # ids near the top of the vocabulary
-    ids, probs, _ = build_ngram(tokens, 70_000, 3, 2, chunk_tokens=333)
+    ids, probs, _ = build_ngram(tokens, 70_000, 3, 2, chunk_tokens=333, dtype="float32")
     want_ids, want_probs = brute_force(tokens, 3, 2)
     assert ids.dtype == np.uint32
     np.testing.assert_array_equal(ids, want_ids)
@@ -155,10 +155,53 @@ def test_float16_keeps_tiny_probabilities_positive() -> None:
     assert probs[0, 0] == 1 and probs[0, 1] == np.finfo(np.float16).smallest_subnormal and probs[0, 2] == 0
 
 
+def test_float16_arrays_train_the_float32_target() -> None:
+    """CoCoNTs from float16 arrays (the default) against float32 ones on the same windows: the same
+    ids and label slots, each probability within float16's rounding (2^-11 relative, 2^-25 absolute
+    below 6e-5), and the loss within the bound that rounding implies (sum of |dy| |log p|, float64),
+    its gradients within float16 tolerance."""
+    import torch
+
+    from slm_cli.data.windows import TrainWindows
+    from slm_cli.loss import token_stats, weighted_loss
+    from slm_cli.target.coconts import CoCoNTs
+
+    vocab, n, r = 20, 3, 4
+    tokens = random_tokens(4000, vocab=vocab, seed=5)
+    target = CoCoNTs(n=n, r=r, weight=0.5)
+    results = {}
+    for dtype in ("float32", "float16"):
+        ids, probs, _ = build_ngram(tokens, vocab, n, r, dtype=dtype)
+        assert probs.dtype == np.dtype(dtype)
+        windows = TrainWindows(tokens, 16, seed=1, token_arrays={"ngram_ids": ids, "ngram_probs": probs})
+        batch = windows[np.arange(8)]
+        targets = target.targets(batch)
+        labels = batch["labels"].reshape(-1)
+        torch.manual_seed(0)
+        hidden = torch.randn(labels.numel(), 8, requires_grad=True)
+        weight = torch.randn(vocab, 8, requires_grad=True)
+        weights = torch.full((labels.numel(),), 1 / labels.numel())
+        stats = token_stats(hidden.detach(), weight.detach(), labels, chunk_size=7)
+        loss = weighted_loss(hidden, weight, labels, weights, stats, targets=targets, chunk_size=7)
+        loss.backward()
+        log_p = torch.log_softmax(hidden.detach().double() @ weight.detach().double().T, -1)
+        results[dtype] = (targets, loss.item(), hidden.grad, weight.grad, log_p)
+    (t32, loss32, gh32, gw32, log_p), (t16, loss16, gh16, gw16, _) = results["float32"], results["float16"]
+    assert torch.equal(t16.ids, t32.ids) and torch.equal(t16.probs > 0, t32.probs > 0)
+    p32, p16 = t32.probs.double(), t16.probs.double()
+    assert ((p16 - p32).abs() <= 2**-11 * p32 + 2**-25).all()
+    assert (p16 != p32).any()  # float16 did round
+    dy = (p16 - p32).abs()
+    bound = float((dy * -log_p.gather(1, t32.ids)).sum(1).mean())
+    assert abs(loss16 - loss32) <= bound + 1e-6 and bound < 1e-3 * loss32
+    for g16, g32 in ((gh16, gh32), (gw16, gw32)):
+        torch.testing.assert_close(g16, g32, rtol=2**-10, atol=2**-10 * float(g32.abs().max()))
+
+
 # ---- the folder ---------------------------------------------------------------------------------
 def test_builds_are_deterministic_and_committed_by_meta(tmp_path: Path) -> None:
     prepared = fake_prepared(tmp_path / "data", random_tokens(5000, vocab=300, seed=4), vocab=300)
-    folder, meta = write_ngram(prepared, 3, 4, chunk_tokens=1000, progress=False)
+    folder, meta = write_ngram(prepared, 3, 4, chunk_tokens=1000, dtype="float32", progress=False)
     assert folder == ngram_dir(prepared, 3, 4) == prepared.dir / "ngram-n3-r4"
     first = {f: (folder / f).read_bytes() for f in ("ids.npy", "probs.npy")}
     assert (meta["n"], meta["r"], meta["train_tokens"], meta["dtype"]) == (3, 4, 5000, "float32")
@@ -167,8 +210,8 @@ def test_builds_are_deterministic_and_committed_by_meta(tmp_path: Path) -> None:
     arrays = load_ngram(prepared, 3, 4)
     assert set(arrays) == {"ngram_ids", "ngram_probs"} and arrays["ngram_ids"].shape == (5000, 4)
     # Same settings: nothing to do. force / another dtype: rebuilt, byte for byte the same.
-    assert write_ngram(prepared, 3, 4, progress=False)[1].get("skipped")
-    write_ngram(prepared, 3, 4, force=True, progress=False)
+    assert write_ngram(prepared, 3, 4, dtype="float32", progress=False)[1].get("skipped")
+    write_ngram(prepared, 3, 4, dtype="float32", force=True, progress=False)
     assert {f: (folder / f).read_bytes() for f in first} == first
     meta16 = write_ngram(prepared, 3, 4, dtype="float16", progress=False)[1]
     assert not meta16.get("skipped") and load_ngram(prepared, 3, 4)["ngram_probs"].dtype == np.float16
@@ -281,9 +324,10 @@ def test_slm_ngram_on_the_tiny_corpus(ngram_data: Path) -> None:
     arrays = load_ngram(prepared, 3, 4)
     want_ids, want_probs = brute_force(np.asarray(prepared.tokens("train")), 3, 4)
     np.testing.assert_array_equal(arrays["ngram_ids"], want_ids)
-    np.testing.assert_array_equal(arrays["ngram_probs"], want_probs.astype(np.float32))
+    np.testing.assert_array_equal(arrays["ngram_probs"], want_probs.astype(np.float16))  # the default dtype
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["fingerprint"] == prepared.meta["fingerprint"] and meta["vocab_size"] == 512
+    assert meta["dtype"] == "float16" and arrays["ngram_probs"].dtype == np.float16
     assert "up to date" in ok(slm(*args, cwd=ngram_data)).stdout
     assert (folder / "meta.json").read_text() == json.dumps(meta, indent=2) + "\n"  # untouched
 

@@ -26,7 +26,7 @@ from slm_cli.flops import flops_per_token
 from slm_cli.loss import TokenStats, token_stats
 from slm_cli.model.gpt import GPT, GPTConfig
 from slm_cli.reference.models import SlmReference, load
-from slm_cli.reference.scores import default_name, load_scores, score_stream
+from slm_cli.reference.scores import default_name, load_scores_and_meta, score_stream
 from slm_cli.selection.rho1 import Rho1
 from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, ok, select_as_training, slm, train
 from tests.test_errors import fails
@@ -238,7 +238,7 @@ def test_score_writes_aligned_reference_losses(scored: Path, reference_ckpt: Pat
     assert meta["fingerprint"] == prepared.meta["fingerprint"]
     assert meta["tokenizer_sha256"] == prepared.meta["tokenizer_sha256"]
     assert (meta["context"], meta["stride"], meta["reference"]) == (BLOCK, BLOCK, str(reference_ckpt))  # a grid
-    scores = load_scores(prepared)
+    scores, _ = load_scores_and_meta(prepared)
     assert set(scores) == {"ref_loss", "ref_entropy"}
     assert scores["ref_loss"].shape == (prepared.meta["train_tokens"],) and scores["ref_loss"].dtype == np.float32
     assert not list(scored.glob(".*tmp"))
@@ -313,39 +313,39 @@ def test_misaligned_or_mismatched_scores(scored: Path, tmp_path: Path) -> None:
     folder = damaged_copy(scored, tmp_path / "a")
     np.save(folder / "ref_loss.npy", np.load(folder / "ref_loss.npy")[:-1])
     with pytest.raises(SlmError, match=rf"float32 \({n - 1},\) .* needs float32 \({n:,}\): run `slm score"):
-        load_scores(prepared, path=str(folder))
+        load_scores_and_meta(prepared, path=str(folder))
 
     folder = damaged_copy(scored, tmp_path / "b")
     edit_meta(folder, train_tokens=n + 5)
     with pytest.raises(SlmError, match=rf"meta.json: {n + 5:,} tokens"):
-        load_scores(prepared, path=str(folder))
+        load_scores_and_meta(prepared, path=str(folder))
 
     folder = damaged_copy(scored, tmp_path / "c")
     edit_meta(folder, fingerprint="0" * 64)
     with pytest.raises(SlmError, match="another version of the corpus.*slm score"):
-        load_scores(prepared, path=str(folder))
+        load_scores_and_meta(prepared, path=str(folder))
 
     folder = damaged_copy(scored, tmp_path / "d")
     edit_meta(folder, tokenizer_sha256="f" * 64)
     with pytest.raises(SlmError, match="another tokenizer.*data.tokenizer="):
-        load_scores(prepared, path=str(folder))
+        load_scores_and_meta(prepared, path=str(folder))
 
     folder = damaged_copy(scored, tmp_path / "e")
     (folder / "meta.json").unlink()
     with pytest.raises(SlmError, match="needs reference losses"):
-        load_scores(prepared, path=str(folder))
+        load_scores_and_meta(prepared, path=str(folder))
 
 
 def test_finding_the_score_folder(scored: Path, tmp_path: Path) -> None:
     prepared = load_prepared(scored.parent)
     empty = PreparedData(tmp_path, prepared.meta)
     with pytest.raises(SlmError, match="needs reference losses .*`slm score data=<same data> ckpt_path=<refe"):
-        load_scores(empty)
+        load_scores_and_meta(empty)
     for name in ("a", "b"):
         shutil.copytree(scored, tmp_path / f"ref-{name}")
     with pytest.raises(SlmError, match=r"several references \(a, b\): .*selection.reference.name="):
-        load_scores(empty)
-    assert len(load_scores(empty, name="b")["ref_loss"]) == prepared.meta["train_tokens"]
+        load_scores_and_meta(empty)
+    assert len(load_scores_and_meta(empty, name="b")[0]["ref_loss"]) == prepared.meta["train_tokens"]
 
 
 def test_online_reference_with_another_vocabulary(reference_ckpt: Path, scored: Path, tmp_path: Path) -> None:
@@ -424,7 +424,7 @@ def test_slm_score_with_a_hf_reference(hf_reference: Path, tmp_path: Path) -> No
     assert (meta["context"], meta["stride"]) == (BLOCK, 8) and "Hugging Face gpt2" in meta["reference_describe"]
     prepared = load_prepared(data)
     assert prepared.meta["tokenizer"] == str(hf_reference / "tokenizer.json")
-    scores = load_scores(prepared)
+    scores, _ = load_scores_and_meta(prepared)
     assert abs(np.nanmean(scores["ref_loss"]) - math.log(512)) < 0.5  # random init: about ln V
     # Tokens of the first window are scored by one direct forward of the model.
     ref = load(str(hf_reference))

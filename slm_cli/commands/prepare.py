@@ -12,12 +12,6 @@ from slm_cli.errors import report_errors
 @hydra.main(version_base=VERSION_BASE, config_path=CONFIG_PATH, config_name="prepare")
 @report_errors
 def main(cfg: DictConfig) -> str:
-    from slm_cli.config import check_data
-    from slm_cli.data.prepare import prepare
+    from slm_cli.data.prepare import run_prepare
 
-    check_data(cfg.data)
-    prepared = prepare(cfg.data, cfg.paths)
-    meta = prepared.meta
-    print(f"data: {prepared.dir}  train_tokens={meta['train_tokens']} val_tokens={meta['val_tokens']} "
-          f"vocab_size={meta['vocab_size']}")
-    return str(prepared.dir)
+    return str(run_prepare(cfg).dir)

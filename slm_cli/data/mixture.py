@@ -12,15 +12,18 @@ So everything that reads ``train.bin`` (`slm score`, `slm ngram`, per-token arra
 mixture unchanged, and training draws each window from one source's span (windows.mixture_starts).
 The weights are not part of the fingerprint: changing them rewrites ``meta.json``'s weights and
 keeps the tokens and anything computed over them (reference scores, n-gram tables).
+
+The sources are prepared by the function handed in as ``prepare_source`` (slm_cli/data/prepare.py's
+``prepare``, which dispatches ``data=mix`` here), so that the data build has no import circle.
 """
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import math
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -29,13 +32,21 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from slm_cli.data.prepare import BATCH_DOCS, _exclusive, _try_load, prepare
-from slm_cli.data.prepared import FORMAT_VERSION, PreparedData, load_prepared
-from slm_cli.data.sidecar import META, commit, staged
-from slm_cli.data.sources import load_documents, source_fingerprint, source_name
+from slm_cli.data.prepared import (
+    FILES,
+    FORMAT_VERSION,
+    MIXTURE_KEY,
+    SPLITS,
+    PreparedData,
+    TokenWriter,
+    load_prepared,
+    prepared_meta,
+    try_load,
+)
+from slm_cli.data.sidecar import META, commit, exclusive, staged
+from slm_cli.data.sources import load_documents, source_fingerprint, source_name, text_batches
 from slm_cli.data.tokenizer import load_tokenizer, tokenizer_sha256, train_bpe
 from slm_cli.errors import SlmError
-from slm_cli.outputs import write_json
 
 MIX = "mix"
 NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -45,6 +56,8 @@ ENTRY_KEYS = ("data", "weight")
 # Keys the mixture decides for every source: one tokenizer, one separator, one worker count.
 SHARED_KEYS = ("tokenizer", "vocab_size", "eos_token", "num_proc")
 FIX = "e.g. data.sources.wiki.weight=0.7 (see docs/data.md, Mixtures)"
+# prepare.prepare: (data_cfg, paths_cfg, tokenizer_spec=...) -> the source's prepared folder
+PrepareSource = Callable[..., PreparedData]
 
 
 @dataclass
@@ -146,18 +159,20 @@ def _sources_fingerprint(srcs: list[Source]) -> str:
 
 def _with_weights(prepared: PreparedData, srcs: list[Source]) -> PreparedData:
     """The folder with this config's weights: they do not change the tokens, so they are refreshed in
-    meta.json (atomically) rather than rebuilding; the returned meta holds them in any case."""
+    meta.json (a commit under the folder's lock) rather than rebuilding."""
     weights = {s.name: s.weight for s in srcs}
-    if [m["weight"] for m in prepared.meta["mixture"]] != [weights[m["name"]] for m in prepared.meta["mixture"]]:
-        for m in prepared.meta["mixture"]:
-            m["weight"] = weights[m["name"]]
-        write_json(prepared.dir / META, prepared.meta)
-    return prepared
+    mixture = [{**m, "weight": weights[m["name"]]} for m in prepared.meta[MIXTURE_KEY]]
+    if mixture == prepared.meta[MIXTURE_KEY]:
+        return prepared
+    with exclusive(prepared.dir):
+        return PreparedData(prepared.dir, commit(prepared.dir, {**load_prepared(prepared.dir).meta, MIXTURE_KEY: mixture}))
 
 
-def prepare_mixture(data_cfg: DictConfig, paths_cfg: DictConfig, *, tokenizer_spec: str | None = None) -> PreparedData:
-    """Prepare every source with one tokenizer and concatenate them into ``{data_dir}/{data.name}/``
-    (``.tok-<sha8>`` with a tokenizer that was not trained here, as prepare.prepare)."""
+def prepare_mixture(data_cfg: DictConfig, paths_cfg: DictConfig, prepare_source: PrepareSource, *,
+                    tokenizer_spec: str | None = None) -> PreparedData:
+    """Prepare every source with one tokenizer (through ``prepare_source``) and concatenate them into
+    ``{data_dir}/{data.name}/`` (``.tok-<sha8>`` with a tokenizer that was not trained here, as
+    prepare.prepare)."""
     srcs = sources(data_cfg)
     spec = str(tokenizer_spec or data_cfg.tokenizer)
     out = Path(paths_cfg.data_dir) / source_name(data_cfg)
@@ -172,85 +187,61 @@ def prepare_mixture(data_cfg: DictConfig, paths_cfg: DictConfig, *, tokenizer_sp
     else:
         tok = load_tokenizer(spec)
         identity = tokenizer_sha256(tok)
-        base = _try_load(out)  # the plain folder already holds these tokens (e.g. slm eval of a model trained here)
-        if base and base.meta.get("mixture") and (base.meta["tokenizer_sha256"], base.meta["source_fingerprint"]) \
+        base = try_load(out)  # the plain folder already holds these tokens (e.g. slm eval of a model trained here)
+        if base and base.meta.get(MIXTURE_KEY) and (base.meta["tokenizer_sha256"], base.meta["source_fingerprint"]) \
                 == (identity, sources_fp):
             return _with_weights(base, srcs)
         out = out.with_name(f"{out.name}.tok-{identity[:8]}")
     fingerprint = hashlib.sha256(json.dumps([FORMAT_VERSION, MIX, sources_fp, identity]).encode()).hexdigest()
-    with _exclusive(out.with_name(f".{out.name}.lock")):
+    with exclusive(out):
         existing = load_prepared(out) if (out / META).exists() else None
         if existing and existing.meta["fingerprint"] == fingerprint:
             return _with_weights(existing, srcs)
-        return _build(data_cfg, paths_cfg, srcs, out, tok, spec, fingerprint, sources_fp)
+        return _build(data_cfg, paths_cfg, prepare_source, srcs, out, tok, spec, fingerprint, sources_fp)
 
 
 def _union_bpe(srcs: list[Source], cache_dir: Path, vocab_size: int) -> Any:
     """One BPE trained on every source's documents, in source order."""
-    def batches() -> Any:
+    def batches() -> Iterator[list[str]]:
         for s in srcs:
-            for batch in load_documents(s.cfg, cache_dir).with_format("arrow").iter(batch_size=BATCH_DOCS):
-                yield batch["text"].to_pylist()
+            yield from text_batches(load_documents(s.cfg, cache_dir))
 
     return train_bpe(batches(), vocab_size)
 
 
-def _concat(path: Path, parts: list[np.ndarray], dtype: np.dtype) -> None:
-    out = np.memmap(path, dtype=dtype, mode="w+", shape=(sum(len(p) for p in parts),))
-    pos = 0
-    for part in parts:
-        for lo in range(0, len(part), 1 << 24):  # bounded memory for large sources
-            chunk = part[lo : lo + (1 << 24)]
-            out[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
-    out.flush()
-    del out
-
-
-def _build(data_cfg: DictConfig, paths_cfg: DictConfig, srcs: list[Source], out: Path, tok: Any, spec: str,
-           fingerprint: str, sources_fp: str) -> PreparedData:
-    with staged(out, ("train.bin", "val.bin", "tokenizer.json")) as tmp:
+def _build(data_cfg: DictConfig, paths_cfg: DictConfig, prepare_source: PrepareSource, srcs: list[Source],
+           out: Path, tok: Any, spec: str, fingerprint: str, sources_fp: str) -> PreparedData:
+    with staged(out, FILES) as stage:
         if tok is None:
             tok = _union_bpe(srcs, out.parent / ".hf_cache", int(data_cfg.vocab_size))
-        tok.save(str(tmp / "tokenizer.json"))
+        tok.save(str(stage.dir / "tokenizer.json"))
         # Each source is an ordinary prepared folder with this tokenizer (bpe: the file just trained).
-        source_spec = str(tmp / "tokenizer.json") if spec == "bpe" else spec
-        parts = [prepare(s.cfg, paths_cfg, tokenizer_spec=source_spec) for s in srcs]
+        source_spec = str(stage.dir / "tokenizer.json") if spec == "bpe" else spec
+        parts = [prepare_source(s.cfg, paths_cfg, tokenizer_spec=source_spec) for s in srcs]
         sha = tokenizer_sha256(tok)
         for s, part in zip(srcs, parts, strict=True):
             if part.meta["tokenizer_sha256"] != sha or part.eos_id != parts[0].eos_id:
                 raise SlmError(f"source {s.name} ({part.dir}) was not prepared with the mixture's tokenizer: "
                                f"delete {part.dir} and prepare again")
-        dtype = parts[0].dtype
         mixture: list[dict[str, Any]] = [
             {"name": s.name, "data": s.data, "weight": s.weight, "dir": str(p.dir)} for s, p in zip(srcs, parts, strict=True)
         ]
         counts = {}
-        for split in ("train", "val"):
+        for split in SPLITS:
             streams = [p.tokens(split) for p in parts]
-            _concat(tmp / f"{split}.bin", streams, dtype)
             ends = np.cumsum([len(t) for t in streams]).tolist()
+            with TokenWriter(stage.dir / f"{split}.bin", parts[0].dtype) as writer:
+                for stream in streams:
+                    writer.write(stream)
             for m, start, end in zip(mixture, [0, *ends[:-1]], ends, strict=True):
                 m[split] = [int(start), int(end)]
             counts[split] = int(ends[-1])
-    commit(out, {
-        "format_version": FORMAT_VERSION,
-        "name": out.name,
-        "source": "mixture of " + ", ".join(f"{s.name} (data={s.data}, weight {s.weight:g})" for s in srcs),
-        "fingerprint": fingerprint,
-        "source_fingerprint": sources_fp,
-        "tokenizer_sha256": sha,
-        "tokenizer": spec,
-        "vocab_size": parts[0].vocab_size,
-        "eos_id": parts[0].eos_id,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "documents": sum(int(p.meta["documents"]) for p in parts),
-        "settings": {"sources": {s.name: p.meta["settings"] for s, p in zip(srcs, parts, strict=True)}},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "mixture": mixture,
-    })
+        stage.meta = prepared_meta(
+            out, source="mixture of " + ", ".join(f"{s.name} (data={s.data}, weight {s.weight:g})" for s in srcs),
+            fingerprint=fingerprint, source_fingerprint=sources_fp, tokenizer=tok, tokenizer_spec=spec,
+            eos_id=parts[0].eos_id, counts=counts, documents=sum(int(p.meta["documents"]) for p in parts),
+            settings={"sources": {s.name: p.meta["settings"] for s, p in zip(srcs, parts, strict=True)}},
+            mixture=mixture)
     print(f"prepared mixture {out}: {counts['train']:,} train + {counts['val']:,} val tokens from "
           + ", ".join(f"{m['name']} {m['train'][1] - m['train'][0]:,}" for m in mixture))
     return load_prepared(out)

@@ -2,49 +2,56 @@
 
 The folder is committed as one (slm_cli/data/sidecar.py): every file is staged and moved into
 place, ``meta.json`` last, and its input fingerprint lets a repeated ``prepare`` return at once.
+:func:`prepare` is every command's entry point: one corpus here, ``data=mix`` through
+slm_cli/data/mixture.py, which prepares each of its sources through :func:`prepare` again.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 from omegaconf import DictConfig
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
 from slm_cli.config import check_data
-from slm_cli.data.prepared import FORMAT_VERSION, SPLITS, PreparedData, load_prepared, token_dtype
-from slm_cli.data.sidecar import commit, staged
+from slm_cli.data.mixture import prepare_mixture
+from slm_cli.data.prepared import (
+    FILES,
+    FORMAT_VERSION,
+    SPLITS,
+    PreparedData,
+    TokenWriter,
+    load_prepared,
+    prepared_meta,
+    token_dtype,
+    try_load,
+)
+from slm_cli.data.sidecar import META, exclusive, staged
 from slm_cli.data.sources import (
     encoding_errors,
     load_documents,
     source_description,
     source_fingerprint,
     source_name,
+    text_batches,
 )
 from slm_cli.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_bpe
-from slm_cli.errors import SlmError
 
 # Below this many documents a document-level split is too coarse; split the token stream instead.
 MIN_DOCS_FOR_DOC_SPLIT = 20
-# Documents per worker below which extra tokenisation processes cost more to start than they save.
-DOCS_PER_PROC = 1000
-BATCH_DOCS = 1000
-
-
-def _try_load(dir: Path) -> PreparedData | None:
-    with contextlib.suppress(SlmError):
-        return load_prepared(dir)
-    return None
+BATCH_DOCS = 1000  # documents per encode_batch call (what one thread encodes at a time)
 
 
 def _settings(data_cfg: DictConfig, tokenizer: str) -> dict[str, Any]:
@@ -72,18 +79,16 @@ def _fingerprint(source_fp: str, tokenizer_identity: str, settings: dict[str, An
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def _num_proc(requested: int | None, n_docs: int) -> int:
-    # Worker start-up only pays off with enough documents per worker.
-    return max(1, min(requested or os.cpu_count() or 1, n_docs // DOCS_PER_PROC))
+def _threads(requested: int | None) -> int:
+    """Tokenisation threads: data.num_proc, or every core this process may run on."""
+    return max(1, requested or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @contextlib.contextmanager
-def _serial_tokenizers(num_proc: int) -> Iterator[None]:
-    """With worker processes, each encodes serially: Rust threads in forked workers would deadlock
-    (tokenizers disables them with a warning); with one process, Rust parallelism is kept."""
-    if num_proc == 1:
-        yield
-        return
+def _serial_tokenizers() -> Iterator[None]:
+    """Each encode_batch call encodes serially in its own thread (its GIL released), so that
+    data.num_proc threads use that many cores, and no more (the tokenizer's own thread pool would
+    spread every call over all of them)."""
     old = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
@@ -95,80 +100,81 @@ def _serial_tokenizers(num_proc: int) -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def _tokenise(docs: Any, tok: Tokenizer, eos: int, cache_file: Path, num_proc: int, fingerprint: str) -> Any:
-    """Dataset with an ``ids`` column: each document's token ids followed by the EOS id."""
-    from datasets import Features, List, Value
+def _flatten(encodings: list[Any], eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stream, lengths): the documents' ids, each followed by ``eos``, as one uint32 array, and each
+    document's length in it."""
+    ids = [e.ids for e in encodings]
+    lengths = np.fromiter((len(i) + 1 for i in ids), dtype=np.int64, count=len(ids))
+    ends = np.cumsum(lengths)
+    stream = np.full(int(ends[-1]) if len(ends) else 0, eos, dtype=np.uint32)
+    body = np.ones(len(stream), dtype=bool)
+    body[ends - 1] = False
+    stream[body] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32, count=len(stream) - len(ids))
+    return stream, lengths
 
+
+def _encoded(docs: Any, tok: Tokenizer, eos: int, threads: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """:func:`_flatten` of every batch of BATCH_DOCS documents, in corpus order. ``threads`` batches
+    are encoded at once while this thread flattens and writes the finished ones; at most
+    ``threads`` + 1 batches are held."""
     # Literal "<|endoftext|>" inside a document is text, not a separator (GPT-2's encode_ordinary).
     tok.encode_special_tokens = True
 
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        return {"ids": [e.ids + [eos] for e in tok.encode_batch(batch["text"], add_special_tokens=False)]}
+    def encode(texts: list[str]) -> list[Any]:
+        return tok.encode_batch(texts, add_special_tokens=False)
 
-    with _serial_tokenizers(num_proc):
-        return docs.map(
-            encode,
-            batched=True,
-            batch_size=BATCH_DOCS,
-            remove_columns=["text"],
-            features=Features({"ids": List(Value("uint32"))}),
-            num_proc=num_proc if num_proc > 1 else None,
-            cache_file_name=str(cache_file),
-            new_fingerprint=fingerprint[:32],  # datasets appends a per-worker suffix; max 64 chars
-            desc="tokenising",
-        )
+    pending: collections.deque = collections.deque()
+    with _serial_tokenizers(), ThreadPoolExecutor(threads) as pool, \
+            tqdm(total=len(docs), desc="tokenising", unit="doc") as bar:
+        for texts in itertools.chain(text_batches(docs, BATCH_DOCS), [None]):
+            if texts is not None:
+                pending.append(pool.submit(encode, texts))
+            while pending and (len(pending) > threads or texts is None):
+                stream, lengths = _flatten(pending.popleft().result(), eos)
+                yield stream, lengths
+                bar.update(len(lengths))
 
 
-def _chunks(ids: Any) -> Iterator[np.ndarray]:
-    """The concatenated token stream of a tokenised dataset, as flat arrays of a batch each."""
-    for batch in ids.with_format("arrow").iter(batch_size=BATCH_DOCS * 10):
-        yield pc.list_flatten(batch["ids"]).to_numpy()
+def _val_documents(n_docs: int, val_fraction: float) -> np.ndarray | None:
+    """Which documents are held out: with enough documents, a seeded choice of ``val_fraction`` of
+    them (kept in corpus order when written); None below MIN_DOCS_FOR_DOC_SPLIT, where the last
+    ``val_fraction`` of the token stream is held out instead (:func:`_hold_out_tail`)."""
+    if n_docs < MIN_DOCS_FOR_DOC_SPLIT:
+        return None
+    from datasets import Dataset
+
+    n_val = min(max(math.ceil(val_fraction * n_docs), 1), n_docs - 1)
+    split = Dataset.from_dict({"i": np.arange(n_docs)}).train_test_split(test_size=n_val, seed=0)
+    held = np.zeros(n_docs, dtype=bool)
+    held[np.asarray(split["test"]["i"])] = True
+    return held
 
 
-def _slice_chunks(chunks: Iterator[np.ndarray], start: int, stop: int) -> Iterator[np.ndarray]:
-    """Tokens [start, stop) of a chunked stream."""
-    pos = 0
-    for chunk in chunks:
-        lo, hi = max(start - pos, 0), min(stop - pos, len(chunk))
-        if lo < hi:
-            yield chunk[lo:hi]
-        pos += len(chunk)
-        if pos >= stop:
-            return
+def _write_splits(folder: Path, batches: Iterator[tuple[np.ndarray, np.ndarray]], held: np.ndarray | None,
+                  val_fraction: float, dtype: np.dtype) -> dict[str, int]:
+    """Write train.bin and val.bin into ``folder`` in one pass over the encoded batches; their token counts."""
+    paths = {split: folder / f"{split}.bin" for split in SPLITS}
+    with TokenWriter(paths["train"], dtype) as train, TokenWriter(paths["val"], dtype) as val:
+        first = 0
+        for stream, lengths in batches:
+            if held is None:
+                train.write(stream)
+            else:
+                to_val = np.repeat(held[first : first + len(lengths)], lengths)
+                train.write(stream[~to_val])
+                val.write(stream[to_val])
+            first += len(lengths)
+    counts = {"train": train.tokens, "val": val.tokens}
+    return counts if held is not None else _hold_out_tail(paths, counts["train"], val_fraction, dtype)
 
 
-def _write_bin(path: Path, chunks: Iterator[np.ndarray], n_tokens: int, dtype: np.dtype) -> None:
-    out = np.memmap(path, dtype=dtype, mode="w+", shape=(n_tokens,))
-    pos = 0
-    for chunk in chunks:
-        out[pos : pos + len(chunk)] = chunk
-        pos += len(chunk)
-    assert pos == n_tokens, f"wrote {pos} tokens to {path}, expected {n_tokens}"
-    out.flush()
-    del out
-
-
-def _split(ids: Any, val_fraction: float) -> dict[str, tuple[Any, int, int]]:
-    """Per split: (dataset, first token, end token) of the stream to write.
-
-    With enough documents, whole documents go to val (seeded, so repeatable), kept in corpus order;
-    otherwise the last ``val_fraction`` of the token stream is val.
-    """
-    lengths = pc.list_value_length(ids.with_format("arrow")["ids"]).to_numpy().astype(np.int64)
-    n_docs, total = len(lengths), int(lengths.sum())
-    if n_docs >= MIN_DOCS_FOR_DOC_SPLIT:
-        from datasets import Dataset
-
-        n_val = min(max(math.ceil(val_fraction * n_docs), 1), n_docs - 1)
-        split = Dataset.from_dict({"i": np.arange(n_docs)}).train_test_split(test_size=n_val, seed=0)
-        parts = {}
-        for name, key in zip(SPLITS, ("train", "test"), strict=True):
-            index = np.sort(np.asarray(split[key]["i"]))
-            parts[name] = (ids.select(index, keep_in_memory=True), 0, int(lengths[index].sum()))
-        return parts
-    # total >= 2: every non-blank document has at least one token plus its EOS.
-    n_val = min(max(round(val_fraction * total), 1), total - 1)
-    return {"train": (ids, 0, total - n_val), "val": (ids, total - n_val, total)}
+def _hold_out_tail(paths: dict[str, Path], total: int, val_fraction: float, dtype: np.dtype) -> dict[str, int]:
+    """Move the last ``val_fraction`` of the stream written to train.bin into val.bin."""
+    n_val = min(max(round(val_fraction * total), 1), total - 1)  # total >= 2: a token and its EOS at least
+    with TokenWriter(paths["val"], dtype) as val:
+        val.write(np.memmap(paths["train"], dtype=dtype, mode="r")[total - n_val :])
+    os.truncate(paths["train"], (total - n_val) * dtype.itemsize)
+    return {"train": total - n_val, "val": n_val}
 
 
 def _same_tokens(meta: dict, sha: str, source_fp: str, eos: int, val_fraction: float) -> bool:
@@ -189,32 +195,9 @@ def prepare(
     folder already holds the same tokens (e.g. `slm eval` with a model trained on that folder).
     """
     check_data(data_cfg)
-    if data_cfg.source == "mix":  # data=mix: several sources in one folder (imported here: it builds on this module)
-        from slm_cli.data.mixture import prepare_mixture
-
-        return prepare_mixture(data_cfg, paths_cfg, tokenizer_spec=tokenizer_spec)
+    if data_cfg.source == "mix":  # data=mix: several sources in one folder, each prepared by this function
+        return prepare_mixture(data_cfg, paths_cfg, prepare, tokenizer_spec=tokenizer_spec)
     out = Path(paths_cfg.data_dir) / source_name(data_cfg)
-    # Every process of a multi-device run calls this (torchrun and srun start them all at once):
-    # the first one to take the lock prepares, the others wait and then find the folder ready.
-    with _exclusive(out.with_name(f".{out.name}.lock")):
-        return _prepare(data_cfg, out, tokenizer_spec)
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    """An advisory lock (flock) held while the block runs; released if the process dies."""
-    import fcntl
-
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _prepare(data_cfg: DictConfig, out: Path, tokenizer_spec: str | None) -> PreparedData:
     spec = str(tokenizer_spec or data_cfg.tokenizer)
     settings = _settings(data_cfg, spec)
     source_fp = source_fingerprint(data_cfg)
@@ -225,18 +208,19 @@ def _prepare(data_cfg: DictConfig, out: Path, tokenizer_spec: str | None) -> Pre
         identity = tokenizer_sha256(tok)
         # Never overwrite data prepared with another tokenizer: an external tokenizer gets its own
         # folder, unless the plain folder already holds exactly these tokens.
-        base = _try_load(out)
+        base = try_load(out)
         eos = eos_id(tok, data_cfg.eos_token)
         if base and _same_tokens(base.meta, identity, source_fp, eos, settings["val_fraction"]):
             return base
         out = out.with_name(f"{out.name}.tok-{identity[:8]}")
     fingerprint = _fingerprint(source_fp, identity, settings)
-    # A corrupt or inconsistent folder is an error, not silently rebuilt: something other than
-    # `slm prepare` changed it, and the user should know before anything overwrites it.
-    existing = load_prepared(out) if (out / "meta.json").exists() else None
-    if existing and existing.meta["fingerprint"] == fingerprint:
-        return existing
-    return _build(data_cfg, out, tok, spec, settings, fingerprint, source_fp)
+    with exclusive(out):  # the first process builds; the others wait, then find it ready
+        # A corrupt or inconsistent folder is an error, not silently rebuilt: something other than
+        # `slm prepare` changed it, and the user should know before anything overwrites it.
+        existing = load_prepared(out) if (out / META).exists() else None
+        if existing and existing.meta["fingerprint"] == fingerprint:
+            return existing
+        return _build(data_cfg, out, tok, spec, settings, fingerprint, source_fp)
 
 
 def _build(
@@ -248,40 +232,29 @@ def _build(
     fingerprint: str,
     source_fp: str,
 ) -> PreparedData:
-    files = ("train.bin", "val.bin", "tokenizer.json")
-    with staged(out, files) as tmp:  # the folder is "not prepared" until commit() below
+    with staged(out, FILES) as stage:  # the folder is "not prepared" until its meta.json is written
         docs = load_documents(data_cfg, out.parent / ".hf_cache")
         if tok is None:
-            texts = docs.with_format("arrow").iter(batch_size=BATCH_DOCS)
-            tok = train_bpe((batch["text"].to_pylist() for batch in texts), settings["vocab_size"])
+            tok = train_bpe(text_batches(docs), settings["vocab_size"])
         eos = eos_id(tok, data_cfg.eos_token)
-        vocab_size = tok.get_vocab_size()
-        dtype = token_dtype(vocab_size)
-        ids = _tokenise(docs, tok, eos, tmp / "ids.arrow", _num_proc(data_cfg.num_proc, len(docs)), fingerprint)
-        counts = {}
-        for split, (subset, start, stop) in _split(ids, settings["val_fraction"]).items():
-            _write_bin(tmp / f"{split}.bin", _slice_chunks(_chunks(subset), start, stop), stop - start, dtype)
-            counts[split] = stop - start
-        tok.save(str(tmp / "tokenizer.json"))
-    commit(out, {
-        "format_version": FORMAT_VERSION,
-        "name": out.name,
-        "source": source_description(data_cfg),
-        "fingerprint": fingerprint,
-        "source_fingerprint": source_fp,
-        "tokenizer_sha256": tokenizer_sha256(tok),
-        "tokenizer": spec,
-        "vocab_size": vocab_size,
-        "eos_id": eos,
-        "dtype": dtype.name,
-        "train_tokens": counts["train"],
-        "val_tokens": counts["val"],
-        "documents": len(docs),
-        "settings": settings,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    })
+        batches = _encoded(docs, tok, eos, _threads(data_cfg.num_proc))
+        held = _val_documents(len(docs), settings["val_fraction"])
+        counts = _write_splits(stage.dir, batches, held, settings["val_fraction"], token_dtype(tok.get_vocab_size()))
+        tok.save(str(stage.dir / "tokenizer.json"))
+        stage.meta = prepared_meta(out, source=source_description(data_cfg), fingerprint=fingerprint,
+                                   source_fingerprint=source_fp, tokenizer=tok, tokenizer_spec=spec, eos_id=eos,
+                                   counts=counts, documents=len(docs), settings=settings)
     print(
         f"prepared {out}: {counts['train']:,} train + {counts['val']:,} val tokens "
-        f"from {len(docs):,} documents, vocab {vocab_size:,}"
+        f"from {len(docs):,} documents, vocab {tok.get_vocab_size():,}"
     )
     return load_prepared(out)
+
+
+def run_prepare(cfg: DictConfig) -> PreparedData:
+    """`slm prepare`: the corpus of ``cfg.data`` prepared (or found up to date), and one line saying so."""
+    prepared = prepare(cfg.data, cfg.paths)
+    meta = prepared.meta
+    print(f"data: {prepared.dir}  train_tokens={meta['train_tokens']} val_tokens={meta['val_tokens']} "
+          f"vocab_size={meta['vocab_size']}")
+    return prepared

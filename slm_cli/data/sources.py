@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import sysconfig
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,8 @@ STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tes
 PATH_FIX = "point data.path at a .txt/.jsonl/.parquet file, a folder or a glob"
 # Bytes decoded at a time when checking a file is UTF-8: the check's memory, not its speed.
 UTF8_CHECK_CHUNK = 1 << 20
+# Documents per batch handed to the BPE trainer.
+TEXT_BATCH_DOCS = 1000
 
 
 def _cfg(data_cfg: DictConfig, key: str) -> Any:
@@ -166,7 +168,7 @@ def source_name(data_cfg: DictConfig) -> str:
     if glob.has_magic(spec):  # "corpus/**/*.txt" -> "corpus_.txt": the folder and the pattern
         parts = Path(spec).parts
         first_magic = next(i for i, part in enumerate(parts) if glob.has_magic(part))
-        return slug("_".join(parts[max(first_magic - 1, 0) :]), "corpus")
+        return slug(" ".join(parts[max(first_magic - 1, 0) :]), "corpus")  # a run of " ", "*", "?" -> one "_"
     path = Path(spec).expanduser().resolve()
     return slug(path.stem if path.is_file() else path.name, "corpus")
 
@@ -303,3 +305,10 @@ def load_documents(data_cfg: DictConfig, cache_dir: Path) -> Any:
             "check data.path, data.text_field and data.sample_by"
         )
     return ds
+
+
+def text_batches(docs: Any, batch_size: int = TEXT_BATCH_DOCS) -> Iterator[list[str]]:
+    """The documents of :func:`load_documents`' dataset as lists of strings, a batch at a time (what
+    the BPE trainer reads), without holding the corpus as Python strings."""
+    for batch in docs.with_format("arrow").iter(batch_size=batch_size):
+        yield batch["text"].to_pylist()

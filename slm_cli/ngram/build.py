@@ -29,13 +29,14 @@ scattered in its own passes over the tokens, which divides the table peak by ``s
 On disk, beside ``train.bin``::
 
     <prepared.dir>/ngram-n{n}-r{r}/ids.npy    uint16 (train_tokens, r) (uint32 if V > 65536)
-                                   probs.npy  float32 (train_tokens, r) (or ngram.dtype=float16)
+                                   probs.npy  float16 (train_tokens, r) (ngram.dtype=float32: float32)
                                    meta.json  written last: its presence commits the folder
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 from pathlib import Path
@@ -45,12 +46,13 @@ import numpy as np
 from tqdm import tqdm
 
 from slm_cli.config import is_int
-from slm_cli.data.prepared import token_dtype
-from slm_cli.data.sidecar import META, check_same_corpus, commit, load_array, read_meta, staged
+from slm_cli.data.prepared import check_same_corpus, token_dtype
+from slm_cli.data.sidecar import META, exclusive, load_array, read_meta, staged
 from slm_cli.errors import SlmError
 from slm_cli.ngram.keys import bits_per_token, check_key_width, pack, pack_context
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
     from slm_cli.data.prepared import PreparedData
 
@@ -59,6 +61,9 @@ NGRAM_FILES = {"ngram_ids": "ids.npy", "ngram_probs": "probs.npy"}
 META_KEYS = ("format_version", "n", "r", "fingerprint", "tokenizer_sha256", "train_tokens", "vocab_size",
              "dtype", "contexts", "ngrams", "key", "seconds", "created")
 PROB_DTYPES = ("float32", "float16")
+# Probabilities in half precision unless asked (ngram.dtype=float32): at r = 8 and GPT-2's vocabulary a
+# token costs 16 bytes of uint16 ids + 16 of float16 probabilities, not 48 (docs/ngram.md).
+DEFAULT_DTYPE = "float16"
 DEFAULT_CHUNK_TOKENS = 1 << 24
 
 
@@ -169,7 +174,7 @@ def _rows(array: np.ndarray) -> np.ndarray:
 
 # ---- the build ----------------------------------------------------------------------------------
 def check_settings(n: Any, r: Any, vocab_size: int | None = None, *, chunk_tokens: Any = DEFAULT_CHUNK_TOKENS,
-                   shards: Any = 1, dtype: Any = "float32") -> None:
+                   shards: Any = 1, dtype: Any = DEFAULT_DTYPE) -> None:
     """User-facing checks of the settings (``vocab_size``: also r <= V and the key width)."""
 
     if not is_int(n) or n < 2:
@@ -196,7 +201,7 @@ def id_dtype(vocab_size: int) -> np.dtype:
 
 
 def build_ngram(tokens: np.ndarray, vocab_size: int, n: int, r: int, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-                shards: int = 1, dtype: str = "float32", out: tuple[np.ndarray, np.ndarray] | None = None,
+                shards: int = 1, dtype: str = DEFAULT_DTYPE, out: tuple[np.ndarray, np.ndarray] | None = None,
                 progress: bool = False) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """(ids, probs, stats) of every position of ``tokens`` (see the module docstring). ``out`` lets
     the caller pass (e.g. memory-mapped) (len(tokens), r) arrays; stats: distinct contexts and n-grams.
@@ -209,6 +214,9 @@ def build_ngram(tokens: np.ndarray, vocab_size: int, n: int, r: int, *, chunk_to
     if out is None:
         out = (np.empty((total, r), id_dtype(vocab_size)), np.empty((total, r), np.dtype(dtype)))
     ids, probs = out
+    if (ids.dtype, probs.dtype) != (id_dtype(vocab_size), np.dtype(dtype)):
+        raise ValueError(f"out arrays are {ids.dtype} and {probs.dtype}, the build writes "
+                         f"{id_dtype(vocab_size)} ids and {dtype} probabilities")
     head = min(n - 1, total)
     ids[:head] = 0
     probs[:head] = 0
@@ -300,34 +308,42 @@ def _current(prepared: PreparedData, folder: Path, n: int, r: int, dtype: str) -
 
 
 def write_ngram(prepared: PreparedData, n: int, r: int, *, chunk_tokens: int = DEFAULT_CHUNK_TOKENS, shards: int = 1,
-                dtype: str = "float32", force: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
+                dtype: str = DEFAULT_DTYPE, force: bool = False, progress: bool = True) -> tuple[Path, dict[str, Any]]:
     """Build ``ngram-n{n}-r{r}/`` beside train.bin unless it already holds these arrays (``force``
-    rebuilds). Arrays under temporary names, moved into place, meta.json last. Returns (folder, meta)."""
+    rebuilds). Arrays staged, moved into place, meta.json last (sidecar.staged). Returns (folder, meta)."""
     check_settings(n, r, prepared.vocab_size, chunk_tokens=chunk_tokens, shards=shards, dtype=dtype)
     folder = ngram_dir(prepared, n, r)
-    if not force and _current(prepared, folder, n, r, dtype):
-        return folder, {**_read_meta(folder, n, r), "skipped": True}
-    tokens = prepared.tokens("train")
-    total = len(tokens)
-    t0 = time.perf_counter()
-    with staged(folder, NGRAM_FILES.values()) as tmp:
-        ids = np.lib.format.open_memmap(tmp / NGRAM_FILES["ngram_ids"], mode="w+",
-                                        dtype=id_dtype(prepared.vocab_size), shape=(total, r))
-        probs = np.lib.format.open_memmap(tmp / NGRAM_FILES["ngram_probs"], mode="w+", dtype=np.dtype(dtype),
-                                          shape=(total, r))
-        _, _, stats = build_ngram(tokens, prepared.vocab_size, n, r, chunk_tokens=chunk_tokens, shards=shards, dtype=dtype,
-                                  out=(ids, probs), progress=progress)
-        ids.flush()
-        probs.flush()
-        del ids, probs
+    with exclusive(folder):  # a second `slm ngram` on the same folder waits, then finds it built
+        if not force and _current(prepared, folder, n, r, dtype):
+            return folder, {**_read_meta(folder, n, r), "skipped": True}
+        tokens = prepared.tokens("train")
+        total = len(tokens)
+        t0 = time.perf_counter()
+        with staged(folder, NGRAM_FILES.values()) as stage:
+            ids = np.lib.format.open_memmap(stage.dir / NGRAM_FILES["ngram_ids"], mode="w+",
+                                            dtype=id_dtype(prepared.vocab_size), shape=(total, r))
+            probs = np.lib.format.open_memmap(stage.dir / NGRAM_FILES["ngram_probs"], mode="w+",
+                                              dtype=np.dtype(dtype), shape=(total, r))
+            _, _, stats = build_ngram(tokens, prepared.vocab_size, n, r, chunk_tokens=chunk_tokens, shards=shards,
+                                      dtype=dtype, out=(ids, probs), progress=progress)
+            ids.flush()
+            probs.flush()
+            del ids, probs
+            stage.meta = _meta(prepared, n, r, dtype, stats, chunk_tokens=chunk_tokens, shards=shards,
+                               seconds=time.perf_counter() - t0)
+    return folder, stage.meta
+
+
+def _meta(prepared: PreparedData, n: int, r: int, dtype: str, stats: dict[str, int], *, chunk_tokens: int,
+          shards: int, seconds: float) -> dict[str, Any]:
     bits = bits_per_token(prepared.vocab_size)
-    meta = {
+    return {
         "format_version": FORMAT_VERSION,
         "n": n,
         "r": r,
         "fingerprint": prepared.meta["fingerprint"],
         "tokenizer_sha256": prepared.meta["tokenizer_sha256"],
-        "train_tokens": total,
+        "train_tokens": int(prepared.meta["train_tokens"]),
         "vocab_size": prepared.vocab_size,
         "dtype": dtype,
         "contexts": stats["contexts"],
@@ -336,7 +352,27 @@ def write_ngram(prepared: PreparedData, n: int, r: int, *, chunk_tokens: int = D
                 "order": "x[i-n+1] in the high bits ... x[i] in the low bits"},
         "chunk_tokens": chunk_tokens,  # how it was built (the arrays do not depend on these two)
         "shards": shards,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(seconds, 3),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    return folder, commit(folder, meta)
+
+
+# ---- `slm ngram` --------------------------------------------------------------------------------
+def run_ngram(cfg: DictConfig) -> dict[str, Any]:
+    """`slm ngram`: check the settings, prepare the corpus, build its top-r arrays and say what was done."""
+    from slm_cli.data.prepare import prepare
+
+    c = cfg.ngram
+    check_settings(c.n, c.r, chunk_tokens=c.chunk_tokens, shards=c.shards, dtype=c.dtype)
+    prepared = prepare(cfg.data, cfg.paths)
+    folder, meta = write_ngram(prepared, int(c.n), int(c.r), chunk_tokens=int(c.chunk_tokens),
+                               shards=int(c.shards), dtype=str(c.dtype), force=bool(c.force))
+    if meta.get("skipped"):
+        print(f"n-gram arrays {folder} are up to date ({meta['train_tokens']:,} tokens, n={meta['n']}, "
+              f"r={meta['r']}): nothing to do (ngram.force=true rebuilds)")
+    else:
+        rate = meta["train_tokens"] / meta["seconds"] if meta["seconds"] > 0 else math.inf
+        print(f"built {folder}: {meta['train_tokens']:,} tokens, {meta['contexts']:,} contexts, "
+              f"{meta['ngrams']:,} distinct {meta['n']}-grams, top {meta['r']} ({meta['dtype']}), "
+              f"{rate:,.0f} tokens/s")
+    return {"folder": str(folder), **meta}

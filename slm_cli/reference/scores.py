@@ -20,6 +20,7 @@ On disk, beside ``train.bin`` (committed as one folder, slm_cli/data/sidecar.py)
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,12 +29,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from slm_cli.data.sidecar import META, check_same_corpus, commit, load_array, read_meta, staged
+from slm_cli.config import positive_int_or_null
+from slm_cli.data.prepared import check_same_corpus
+from slm_cli.data.sidecar import META, load_array, read_meta, staged
 from slm_cli.errors import SlmError
 from slm_cli.outputs import RUN_DIR_CHECKPOINT
 from slm_cli.text import slug
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from slm_cli.data.prepared import PreparedData
     from slm_cli.reference.models import ReferenceModel
 
@@ -140,15 +145,11 @@ def _find(prepared: PreparedData, path: str | None, name: str | None) -> Path:
     return found[0]
 
 
-def load_scores(prepared: PreparedData, path: str | None = None, name: str | None = None) -> dict[str, np.ndarray]:
-    """{"ref_loss", "ref_entropy"}: memory-mapped arrays aligned with ``prepared``'s train.bin,
-    checked against its length, tokenizer and corpus fingerprint."""
-    return load_scores_and_meta(prepared, path, name)[0]
-
-
 def load_scores_and_meta(prepared: PreparedData, path: str | None = None,
                          name: str | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """:func:`load_scores` and the folder's meta.json (context, stride, reference, flops)."""
+    """{"ref_loss", "ref_entropy"}: memory-mapped arrays aligned with ``prepared``'s train.bin,
+    checked against its length, tokenizer and corpus fingerprint; and the folder's meta.json
+    (context, stride, reference, flops)."""
     folder = _find(prepared, path, name)
     if not (folder / META).is_file():
         raise _missing(prepared, f"{folder / META} does not exist")
@@ -170,8 +171,8 @@ def write_scores(prepared: PreparedData, name: str, ref: ReferenceModel, *, cont
     folder = prepared.dir / f"ref-{name}"
     tokens = prepared.tokens("train")
     n = len(tokens)
-    with staged(folder, SCORE_FILES.values()) as tmp:
-        arrays = {key: np.lib.format.open_memmap(tmp / file, mode="w+", dtype=np.float32, shape=(n,))
+    with staged(folder, SCORE_FILES.values()) as stage:
+        arrays = {key: np.lib.format.open_memmap(stage.dir / file, mode="w+", dtype=np.float32, shape=(n,))
                   for key, file in SCORE_FILES.items()}
         t0 = time.perf_counter()
         score_stream(ref, tokens, context=context, stride=stride, batch_size=batch_size,
@@ -181,19 +182,56 @@ def write_scores(prepared: PreparedData, name: str, ref: ReferenceModel, *, cont
         for array in arrays.values():
             array.flush()
         del arrays
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "reference": ref.spec,
-        "reference_describe": ref.describe,
-        "tokenizer_sha256": ref.tokenizer_sha256,
-        "fingerprint": prepared.meta["fingerprint"],
-        "train_tokens": n,
-        "context": context,
-        "stride": stride,
-        # The reference's forward work: every window is one forward over `context` tokens.
-        "flops": float(len(window_starts(n, min(context, n - 1), min(stride, context)))
-                       * min(context, n - 1) * ref.forward_flops_per_token),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-    commit(folder, meta)
+        stage.meta = {
+            "format_version": FORMAT_VERSION,
+            "reference": ref.spec,
+            "reference_describe": ref.describe,
+            "tokenizer_sha256": ref.tokenizer_sha256,
+            "fingerprint": prepared.meta["fingerprint"],
+            "train_tokens": n,
+            "context": context,
+            "stride": stride,
+            # The reference's forward work: every window is one forward over `context` tokens.
+            "flops": float(len(window_starts(n, min(context, n - 1), min(stride, context)))
+                           * min(context, n - 1) * ref.forward_flops_per_token),
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
     return folder, {"mean_ref_loss": mean_loss, "seconds": seconds}
+
+
+# ---- `slm score` ------------------------------------------------------------------------------------
+def scoring_grid(ref: ReferenceModel, context: int | None, stride: int | None) -> tuple[int, int]:
+    """(context, stride) of `slm score`: the reference's block size and a stride of one context
+    unless set (the grid training draws its windows from), checked against the reference."""
+    context = context or ref.block_size
+    check_context(ref, context)
+    stride = stride or context
+    if stride > context:
+        raise SlmError(f"stride={stride} is larger than context={context}, which would leave tokens unscored: "
+                       "set stride<=context or null (= context)")
+    return context, stride
+
+
+def run_score(cfg: DictConfig) -> dict[str, Any]:
+    """`slm score`: tokenise the corpus with the reference's tokenizer, score its train split on
+    ``cfg.device`` (null: cuda if available) and say what was done."""
+    from slm_cli.data.prepare import prepare
+    from slm_cli.reference.models import load
+
+    batch_size = positive_int_or_null("batch_size", cfg.batch_size, 16)
+    if batch_size is None:
+        raise SlmError("batch_size=null must be a positive integer: e.g. batch_size=16")
+    context = positive_int_or_null("context", cfg.context)
+    stride = positive_int_or_null("stride", cfg.stride)
+    ref = load(str(cfg.ckpt_path))
+    context, stride = scoring_grid(ref, context, stride)
+    ref.to(cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prepared = prepare(cfg.data, cfg.paths, tokenizer_spec=ref.tokenizer_spec)
+    ref.check_data(prepared)
+    name = slug(cfg.name, "reference") if cfg.name else default_name(ref.spec)
+    folder, stats = write_scores(prepared, name, ref, context=context, stride=stride, batch_size=batch_size)
+    n = int(prepared.meta["train_tokens"])
+    rate = n / stats["seconds"] if stats["seconds"] > 0 else math.inf
+    print(f"scored {folder}: {n:,} tokens, mean reference loss {stats['mean_ref_loss']:.4f}, "
+          f"{rate:,.0f} tokens/s (context {context}, stride {stride})")
+    return {"folder": str(folder), "tokens": n, "mean_ref_loss": stats["mean_ref_loss"], "tokens_per_s": rate}
