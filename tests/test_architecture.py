@@ -135,3 +135,27 @@ def test_the_circle_check_can_fail(tmp_path: Path) -> None:
     (package / "data" / "z.py").write_text("from slm_cli.data.y import Y\n")
     assert _cycles(_package_graph(tmp_path)) == [["slm_cli.a", "slm_cli.b", "slm_cli.c"],
                                                  ["slm_cli.data.x", "slm_cli.data.y"]]
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(root: Path) -> list[str]:
+    """Functions (and methods) of the modules under ``root`` longer than MAX_FUNCTION_LINES lines."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    out.append(f"{path.relative_to(root.parent)}:{node.lineno} {node.name} ({lines} lines)")
+    return out
+
+
+def test_no_function_is_longer_than_a_screen(tmp_path: Path) -> None:
+    """Each part of the code can be read at once: no function in slm_cli over 60 lines (the check
+    itself sees a long one)."""
+    assert not long_functions(ROOT / "slm_cli"), "\n".join(long_functions(ROOT / "slm_cli"))
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text("def f():\n" + "    x = 1\n" * MAX_FUNCTION_LINES)
+    assert long_functions(tmp_path / "pkg") == [f"pkg/m.py:1 f ({MAX_FUNCTION_LINES + 1} lines)"]
