@@ -202,24 +202,26 @@ def test_page_states_the_studys_figures(study: tuple[Path, str]) -> None:
     _, page = study
     clm, eslm, entropy = final_losses(0.0), final_losses(0.5), final_losses(0.01)
     rows = table_after(page, "### size A")
-    assert list(rows) == ["clm", "random", "eslm", "eslm-entropy", "ada_eslm", "eslm-kd"]
+    assert list(rows) == ["CLM", "Random (keep 0.6)", "ESLM (loss, keep 0.6)", "ESLM (entropy, keep 0.6)",
+                          "Ada-ESLM (loss)", "ESLM-KD (loss, keep 0.6)"]
+    eslm_row = rows["ESLM (loss, keep 0.6)"]
     # ESLM: worse than CLM after the same steps, by the hand-made offset, with its spread
-    assert f"| {eslm.mean():.4f} ± {eslm.std(ddof=1):.4f} |" in rows["eslm"]
-    assert f"| {delta_text(eslm, clm)} (worse) |" in rows["eslm"]
-    assert f"| {delta_text(entropy, clm)} (no difference) |" in rows["eslm-entropy"]
+    assert f"| {eslm.mean():.4f} ± {eslm.std(ddof=1):.4f} |" in eslm_row
+    assert f"| {delta_text(eslm, clm)} (worse) |" in eslm_row
+    assert f"| {delta_text(entropy, clm)} (no difference) |" in rows["ESLM (entropy, keep 0.6)"]
     # the keep-0.6 saving: 1 − (1/3 + 2/3·⌈0.6·2048⌉/2048) nominal, 0.2·(1 − k) realised
     k = math.ceil(0.6 * TOKENS_PER_STEP) / TOKENS_PER_STEP
-    assert f"| {100 * (2 / 3) * (1 - k):.1f}% | {100 * 0.2 * (1 - k):.1f}% | never |" in rows["eslm"]
+    assert f"| {100 * (2 / 3) * (1 - k):.1f}% | {100 * 0.2 * (1 - k):.1f}% | never |" in eslm_row
     assert "**ESLM: CLM's loss or better with fewer FLOPs (size A)**: **does not reproduce**" in page
-    assert "  - eslm-kd: **no saving**" in page  # its teacher's forward costs more than selection saves
+    assert "  - ESLM-KD (loss, keep 0.6): **no saving**" in page  # its teacher's forward costs more than selection saves
     # the keep sweep: ESLM's loss grows with the keep here, random's is lowest at the main keep
-    assert "Best keep by mean validation loss: eslm 0.2, eslm-entropy 0.6, random 0.6." in page
+    assert "Best keep by mean validation loss: ESLM (loss) 0.2, ESLM (entropy) 0.6, Random 0.6." in page
     # RHO-1 on the clean source: 0.3 nats better on it, 0.2 worse overall, against CLM
     rho1_wiki, clm_wiki = final_losses(0.2) - 0.6, final_losses(0.0) - 0.3
     assert f"RHO-1 against CLM is better (Δ {delta_text(rho1_wiki, clm_wiki)})" in page
     assert f"Over all three sources (noise included) it is worse (Δ {delta_text(final_losses(0.2), clm)})" in page
     rho = table_after(page, "## 2. RHO-1 on a noisy mixture")
-    assert f"| {rho1_wiki.mean():.4f} ± {rho1_wiki.std(ddof=1):.4f} |" in rho["rho1"]
+    assert f"| {rho1_wiki.mean():.4f} ± {rho1_wiki.std(ddof=1):.4f} |" in rho["RHO-1 (keep 0.6)"]
     assert "**CoCoNTs converges faster than CLM**: it reaches CLM's final validation loss at step" in page
 
 
@@ -244,7 +246,7 @@ def test_page_runs_plans_machine_and_plots(study: tuple[Path, str]) -> None:
     assert (root / "reports" / "methods_a" / "report.md").is_file()  # each part's `slm report`
     # Ada-ESLM's α: from 0.5 down by 0.02 a step to its floor 0.2, the same for both seeds
     alphas = [max(0.2, 0.5 - 0.02 * step) for step in range(1, STEPS + 1)]
-    assert f"| size A | ada_eslm | adaptive | 100 | 2 | 80.0% | {np.mean(alphas):.3f}; 0.200 |" in page
+    assert f"| size A | Ada-ESLM (loss) | adaptive | 100 | 2 | 80.0% | {np.mean(alphas):.3f}; 0.200 |" in page
     # CLM's tokens at size A (2048 × 100), over the corpus's 290k training tokens
     assert "205k training tokens, 0.7 passes over a corpus of 290k tokens." in page
 
