@@ -268,3 +268,36 @@ def test_no_runs_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(SlmError, match="no runs under .*run scripts/reproduce_small.sh first"):
         results.write_reports(tmp_path)
+
+
+def test_downstream_and_training_length_on_the_page(tmp_path: Path) -> None:
+    """The page's downstream table (accuracy ± std with n, Δ against CLM judged beyond 2 SE) and a
+    claim's verdict at each training length, against numpy."""
+    from slm_cli.report.build import write
+    from slm_cli.report.matched import by_length
+
+    acc = {("clm", 1): 0.40, ("clm", 2): 0.42, ("eslm", 1): 0.50, ("eslm", 2): 0.53}
+    for steps in (60, 100):
+        for seed in (1, 2):
+            for name, selection, offset in (("clm", {"name": "clm"}, 0.0),
+                                            ("eslm", {"name": "eslm", "alpha": 0.4, "score": "loss"}, 0.3)):
+                d = tmp_path / "runs" / f"{name}{steps}" / str(seed)
+                make_run(d, selection, seed, steps, offset * steps / 100, keep=0.6 if name == "eslm" else 1.0)
+                if steps == 100:
+                    (d / "eval").mkdir()
+                    (d / "eval" / "slm_local.json").write_text(json.dumps({"results": {"lastword": {"acc,none": acc[name, seed]}}}))
+    report = write(find_runs([str(tmp_path / "runs")]), tmp_path / "report")
+    rows = results.entries(report)
+    eslm = next(e for e in rows if e.method == "eslm" and e.steps == 100)
+    clm = next(e for e in rows if e.method == "clm" and e.steps == 100)
+    lines = results.downstream_table([clm, eslm]).splitlines()
+    assert lines[0] == "| method | acc lastword | Δ vs CLM |"
+    a, b = np.array([acc["eslm", 1], acc["eslm", 2]]), np.array([acc["clm", 1], acc["clm", 2]])
+    assert lines[3] == (f"| ESLM (loss, keep 0.6) | {a.mean():.4f} ± {a.std(ddof=1):.4f} (n=2) | "
+                        f"{delta_text(a, b)} (better) |")
+    assert lines[2].startswith(f"| CLM | {b.mean():.4f} ± {b.std(ddof=1):.4f} (n=2) | – |")
+    text = results.by_length_text(by_length(report.table, report.comparisons), eslm)
+    deltas = [delta_text(np.array([loss_at(s, 0.3 * s / 100, seed) for seed in (1, 2)]), final_losses(0.0, s))
+              for s in (60, 100)]
+    assert text == (" By training length (Δ against CLM after the same steps): "
+                    f"60 steps {deltas[0]} (worse), 100 steps {deltas[1]} (worse).")

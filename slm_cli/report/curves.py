@@ -86,21 +86,24 @@ def row_curve(runs: Sequence[Run], column: str, x: str) -> tuple[np.ndarray, np.
 
 
 def _draw_curves(ax: Any, table: Table, style: dict[int, Style], column: str, x: str,
-                 markers: bool = False, rows: Sequence[int] | None = None) -> list[np.ndarray]:
+                 markers: bool = False, rows: Sequence[int] | None = None, coincide: bool = False) -> list[np.ndarray]:
     """Each configuration's mean curve over its finished runs (±1 std shaded), and its unfinished
-    runs as thin lines; ``rows``: only these row indices. Returns the y values drawn (for the axis
-    limits). Where many curves share a panel they are thinner and a little transparent, so that
-    those that coincide stay visible."""
+    runs as thin lines, series by series; ``rows``: only these row indices. Returns the y values
+    drawn (for the axis limits). Where many curves share a panel they are thinner and a little
+    transparent; ``coincide``: curves that may lie on each other (a selected share, the same for
+    100 and 200 steps) are drawn each thinner than the one before, so that all stay visible."""
     drawn = []
-    chosen = range(len(table.rows)) if rows is None else rows
+    chosen = sorted(range(len(table.rows)) if rows is None else rows, key=lambda i: style[i].order)
     many = len(chosen) >= MANY
-    for i in chosen:
+    for k, i in enumerate(chosen):
         row, st = table.rows[i], style[i]
         curve = row_curve(row.finished, column, x)
         if curve is not None:
             cx, cy, std = curve
-            ax.plot(cx, cy, color=st.color, linestyle=st.linestyle, linewidth=st.width(len(chosen)), label=st.label,
-                    marker=st.marker if markers else None, markersize=4, alpha=0.85 if many else 1.0)
+            # each curve a little thinner than the one before: where two coincide, both show
+            width = st.width(len(chosen)) * (1 + 0.9 * (len(chosen) - 1 - k) / max(len(chosen) - 1, 1))
+            ax.plot(cx, cy, color=st.color, linestyle=st.linestyle, linewidth=width if coincide else st.width(len(chosen)),
+                    label=st.label, marker=st.marker if markers else None, markersize=4, alpha=0.85 if many else 1.0)
             if std.any():
                 ax.fill_between(cx, cy - std, cy + std, color=st.color, alpha=0.08 if many else 0.15, linewidth=0)
             drawn.append(cy)
@@ -223,18 +226,19 @@ def seconds_curves(table: Table, path: Path) -> Path | None:
 
 
 # What a run logs of its selection, each drawn over the run where it moves: (column, panel title).
-MOVING = (("train/selected_frac", "share of each step's tokens trained on"),
-          ("selection/alpha", "ESLM's alpha (Ada-ESLM adapts it)"),
-          ("train/forward_frac", "share of each step's tokens run forward"))
+MOVING = (("train/selected_frac", "share trained on, where it moves"),
+          ("selection/alpha", "ESLM's alpha, where it moves"),
+          ("train/forward_frac", "share run forward, where it moves"))
 MOVES = 0.02  # a quantity moves during a run when its mean curve spans more than this
 
 
-def _shares(table: Table) -> list[tuple[int, float, float, float, float | None]]:
+def _shares(table: Table, style: dict[int, Style]) -> list[tuple[int, float, float, float, float | None]]:
     """Per configuration: (row index, mean, min and max over the run of the share of tokens
     trained on, and the share run forward when below 1). The mean is the summary's when the
     run finished, else the logged curve's."""
     out = []
-    for i, row in enumerate(table.rows):
+    for i in sorted(range(len(table.rows)), key=lambda i: style[i].order):
+        row = table.rows[i]
         curve = row_curve(row.finished or row.runs, "train/selected_frac", "step")
         mean = row.stats("selected_frac")[0]
         if curve is None and mean is None:
@@ -274,7 +278,7 @@ def selection_curves(table: Table, path: Path) -> Path | None:
     share that stays put is the dot alone, not one more flat line over the others."""
     plt = pyplot()
     style, _ = styles(table)
-    shares = _shares(table)
+    shares = _shares(table, style)
     if not shares:
         return None
     moving = []
@@ -288,8 +292,8 @@ def selection_curves(table: Table, path: Path) -> Path | None:
                              gridspec_kw={"width_ratios": [1.2] + [1.0] * len(moving)})
     _share_panel(axes[0][0], table, style, shares)
     for ax, (column, title, rows) in zip(axes[0][1:], moving, strict=True):
-        _draw_curves(ax, table, style, column, "step", markers=False, rows=rows)
-        ax.set_title(f"{title}, where it moves", fontsize=11)
+        _draw_curves(ax, table, style, column, "step", markers=False, rows=rows, coincide=True)
+        ax.set_title(title, fontsize=11)
         ax.set_xlabel(_axis_label("step"))
         ax.set_ylim(0, 1.05)
         ax.grid(True, alpha=0.3)

@@ -51,6 +51,7 @@ class Style:
     linestyle: Any
     marker: str
     family: str = ""
+    order: int = 0   # where the configuration comes in legends and lists: series by series
 
     def width(self, curves: int) -> float:
         """Line width on a panel of ``curves`` curves: thinner where many overlap."""
@@ -59,32 +60,39 @@ class Style:
 
 def _shade(color: Any, j: int, k: int) -> tuple[float, float, float]:
     """The ``j``-th of ``k`` shades of ``color``: the colour itself first, lighter after (mixed
-    with white up to 55%), so that the members of one series stay one hue."""
+    with white up to 50%), so that the members of one series stay one hue."""
     from matplotlib.colors import to_rgb
 
-    mix = 0.55 * j / (k - 1) if k > 1 else 0.0
+    mix = 0.5 * j / (k - 1) if k > 1 else 0.0
     return tuple(c + (1 - c) * mix for c in to_rgb(color))  # type: ignore[return-value]
 
 
 def styles(table: Table) -> tuple[dict[int, Style], dict[str, list[int]]]:
-    """Row index -> its style, and series label -> its row indices."""
+    """Row index -> its style, and series label -> its row indices. A series is named with its
+    budget when all its configurations share one ("ESLM (loss, keep 0.6)" at 100 and 200 steps),
+    else without ("ESLM (loss)" at keeps 0.4 to 0.8). CLM's series comes first."""
     plt = pyplot()
     skip = [c for c in table.columns if c in ALONG_SERIES]
-    series: dict[str, list[int]] = {}
+    keyed: dict[str, list[int]] = {}
     for i, row in enumerate(table.rows):
-        series.setdefault(table.label(row, skip=skip, budget=False), []).append(i)
+        keyed.setdefault(table.label(row, skip=skip, budget=False), []).append(i)
+    keyed = dict(sorted(keyed.items(), key=lambda kv: table.method(table.rows[kv[1][0]]).family != "CLM"))
     families = list(dict.fromkeys(["CLM", *(table.method(row).family for row in table.rows)]))
-    hues = plt.get_cmap("tab10" if len(series) <= 10 else "tab20")
-    out, hue = {}, 0
-    for members in series.values():
-        family = table.method(table.rows[members[0]]).family
+    hues = plt.get_cmap("tab10" if len(keyed) <= 10 else "tab20")
+    out, series, hue, order = {}, {}, 0, 0
+    for key, members in keyed.items():
+        first = table.rows[members[0]]
+        one_budget = len({table.method(table.rows[i]).name for i in members}) == 1
+        series[table.label(first, skip=skip) if one_budget else key] = members
+        family = table.method(first).family
         if family == "CLM":
             base = (0.1, 0.1, 0.1)
         else:
             base, hue = hues(hue % hues.N), hue + 1
         linestyle, marker = LOOKS[families.index(family) % len(LOOKS)]
         for j, i in enumerate(members):
-            out[i] = Style(table.label(table.rows[i]), _shade(base, j, len(members)), linestyle, marker, family)
+            out[i] = Style(table.label(table.rows[i]), _shade(base, j, len(members)), linestyle, marker, family, order)
+            order += 1
     return out, series
 
 
