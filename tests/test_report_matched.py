@@ -134,6 +134,8 @@ def test_verdict_needs_twice_the_standard_error() -> None:
     assert verdict(-0.21, 0.1) == "better" and verdict(0.21, 0.1) == "worse"
     assert verdict(-0.19, 0.1) == verdict(0.19, 0.1) == "no difference"
     assert verdict(-0.5, 0.0).startswith("one run")  # no spread: no verdict either way
+    assert verdict(0.0, 0.0) == "no difference"  # the same value on both sides
+    assert verdict(-0.5, 0.0, spread_known=True) == "better"  # several runs each, all agreeing
 
 
 def mean_seconds_at_validations(seeds: tuple[int, ...], steps: int, pace: float) -> np.ndarray:

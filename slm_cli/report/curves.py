@@ -266,8 +266,8 @@ def _share_panel(ax: Any, table: Table, style: dict[int, Style], shares: Sequenc
     ax.set_yticks(range(len(shares)), [style[i].label for i, *_ in shares], fontsize=9)
     ax.set_ylim(len(shares) - 0.5, -0.5)
     ax.set_xlim(0, 1.12)
-    ax.set_xlabel("share of the tokens drawn (mean over the run; bar: its range; open: run forward)")
-    ax.set_title("tokens trained on", fontsize=11)
+    ax.set_xlabel("share of the tokens drawn: mean (dot), range (bar),\nrun forward (open)")
+    ax.set_title("tokens trained on", fontsize=10)
     ax.grid(True, axis="x", alpha=0.3)
 
 
@@ -288,14 +288,15 @@ def selection_curves(table: Table, path: Path) -> Path | None:
         if rows:
             moving.append((column, title, rows))
     height = max(3.6, 0.3 * len(shares) + 1.4)
-    fig, axes = plt.subplots(1, 1 + len(moving), figsize=(6.0 + 4.6 * len(moving), height), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.2] + [1.0] * len(moving)})
+    fig, axes = plt.subplots(1, 1 + len(moving), figsize=(5.6 + 3.4 * len(moving), height), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.25] + [1.0] * len(moving)})
     _share_panel(axes[0][0], table, style, shares)
     for ax, (column, title, rows) in zip(axes[0][1:], moving, strict=True):
         _draw_curves(ax, table, style, column, "step", markers=False, rows=rows, coincide=True)
-        ax.set_title(title, fontsize=11)
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel(_axis_label("step"))
         ax.set_ylim(0, 1.05)
         ax.grid(True, alpha=0.3)
+        eng(ax)
     legend(fig, axes[0][1:])
     return save(fig, path)

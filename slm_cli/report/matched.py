@@ -182,11 +182,14 @@ def against(row: Row, lengths: Sequence[ClmLength]) -> Comparison | None:
     return comparison
 
 
-def verdict(diff: float, se: float, higher_is_better: bool = False) -> str:
+def verdict(diff: float, se: float, higher_is_better: bool = False, spread_known: bool = False) -> str:
     """"better", "worse" or "no difference" of a difference (this − CLM) with its standard error:
-    a difference counts only beyond SIGNIFICANCE standard errors. A loss is better lower
-    (the default), an accuracy higher."""
-    if se == 0:
+    a difference counts only beyond SIGNIFICANCE standard errors. A loss is better lower (the
+    default), an accuracy higher. A zero standard error is no spread to judge by with one run on
+    a side; with several runs on each (``spread_known``) the runs agree, and any difference counts."""
+    if diff == 0:
+        return "no difference"
+    if se == 0 and not spread_known:
         return "one run each: no spread to judge by"
     if abs(diff) <= SIGNIFICANCE * se:
         return "no difference"
@@ -198,7 +201,7 @@ def delta(c: Point, clm: Point | None, higher_is_better: bool = False) -> str:
     if clm is None:
         return "–"
     diff, se = c.minus(clm)
-    return f"{diff:+.4f} ± {se:.4f} ({verdict(diff, se, higher_is_better)})"
+    return f"{diff:+.4f} ± {se:.4f} ({verdict(diff, se, higher_is_better, spread_known=min(c.n, clm.n) > 1)})"
 
 
 # The comparisons in the order the tables show them: the realised FLOPs lead, nominal beside them.
