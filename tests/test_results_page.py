@@ -90,12 +90,16 @@ def loss_at(step: float, final_offset: float, seed: int) -> float:
 
 def make_run(d: Path, selection: dict, seed: int, steps: int, offset: float, keep: float = 1.0,
              target: dict | None = None, data: str = "wikitext2", sources: dict[str, float] | None = None,
-             extra_flops: float = 0.0, start: float = T0) -> None:
-    """A finished run dir: config, summary.json and metrics.csv with known figures."""
+             extra_flops: float = 0.0, start: float = T0, trainer: dict | None = None) -> None:
+    """A finished run dir: config, summary.json and metrics.csv with known figures; ``trainer``:
+    more trainer settings (a warm start), or a data.* key (the window grid) as "data.<key>"."""
     (d / ".hydra").mkdir(parents=True)
     config = {"seed": seed, "task_name": "train", "selection": selection, "target": target or {"name": "onehot"},
-              "model": {"name": "gpt2-nano", "n_embd": 128}, "data": {"name": data},
+              "model": {"name": "gpt2-nano", "n_embd": 128, "block_size": 128}, "data": {"name": data},
               "trainer": {"max_steps": steps, "val_check_interval": VAL_EVERY}}
+    for key, value in (trainer or {}).items():
+        group, _, leaf = key.rpartition(".")
+        config[group or "trainer"][leaf] = value
     (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     tokens = TOKENS_PER_STEP * steps
     selected = math.ceil(keep * TOKENS_PER_STEP) * steps
@@ -301,3 +305,42 @@ def test_downstream_and_training_length_on_the_page(tmp_path: Path) -> None:
               for s in (60, 100)]
     assert text == (" By training length (Δ against CLM after the same steps): "
                     f"60 steps {deltas[0]} (worse), 100 steps {deltas[1]} (worse).")
+
+
+def test_training_length_and_the_grid_on_the_page(tmp_path: Path) -> None:
+    """reproduce_small.sh's longer runs (lengths/L300) and RHO-1 baselines on RHO-1's window grid:
+    the Δ against CLM at each length (a warm start named by its share of the steps, the same at
+    both), the claim's verdict per length, and RHO-1 against CLM on the grid, against numpy."""
+    eslm = {"name": "eslm", "alpha": 0.4, "score": "loss"}
+    for root, steps, shift in ((tmp_path / "methods" / "a", STEPS, 0.0), (tmp_path / "lengths" / "L300", 300, 0.1)):
+        for seed in (1, 2):
+            make_run(root / "clm" / str(seed), {"name": "clm"}, seed, steps, 0.0)
+            make_run(root / "eslm" / str(seed), eslm, seed, steps, 0.4 + shift, keep=0.6)
+            make_run(root / "eslm_warm" / str(seed), eslm, seed, steps, 0.2 - shift, keep=0.6,
+                     trainer={"selection_start_step": steps // 4})
+    mix = {"wiki": -0.3, "shuffled": 1.0}
+    for sub, steps in (("", STEPS), ("L300", 300)):
+        for name, selection, offset, grid in (("clm", {"name": "clm"}, 0.0, None), ("rho1", {"name": "rho1", "ratio": 0.6}, 0.2, None),
+                                              ("clm_grid", {"name": "clm"}, 0.05, 128),
+                                              ("random_grid", {"name": "random", "ratio": 0.6}, 0.1, 128)):
+            for seed in (1, 2):
+                make_run(tmp_path / "rho1" / sub / name / str(seed), selection, seed, steps, offset, data="noisy-mix",
+                         sources={**mix, "wiki": mix["wiki"] - (0.3 if name == "rho1" else 0.0)},
+                         trainer={} if grid is None else {"data.window_grid": grid})
+    reports = results.write_reports(tmp_path)
+    assert sorted(reports) == ["lengths", "methods_a", "rho1"]
+    page = results.page(tmp_path, reports, tmp_path / "docs" / "results.md", "reproduce", 0.6, {})
+    rows = table_after(page, "### Training length (size A)")
+    assert list(rows) == ["ESLM (loss, keep 0.6)", "ESLM (loss, keep 0.6) warm start 25% of steps"]
+    for label, offsets in (("ESLM (loss, keep 0.6)", (0.4, 0.5)), ("ESLM (loss, keep 0.6) warm start 25% of steps", (0.2, 0.1))):
+        cells = [delta_text(np.array([loss_at(n, o, seed) for seed in (1, 2)]), final_losses(0.0, n))
+                 for n, o in zip((STEPS, 300), offsets, strict=True)]
+        assert rows[label] == f"| {label} | {cells[0]} (worse) | {cells[1]} (worse) |"
+    assert "#### 300 steps" in page and "![training length: lengths-delta_vs_length](img/results/lengths-delta_vs_length.png)" in page
+    assert (f"By training length (Δ against CLM after the same steps): 100 steps "
+            f"{delta_text(final_losses(0.4), final_losses(0.0))} (worse), 300 steps") in page
+    wiki = {name: np.array([loss_at(n, o, seed) + w for seed in (1, 2)])
+            for name, o, w, n in (("rho1", 0.2, -0.6, STEPS), ("clm_grid", 0.05, -0.3, STEPS))}
+    assert (f"  - After 100 steps: against CLM on RHO-1's window grid, on the clean text RHO-1 is better "
+            f"(Δ {delta_text(wiki['rho1'], wiki['clm_grid'])})") in page
+    assert "  - After 300 steps: RHO-1 against CLM on the clean text is better" in page

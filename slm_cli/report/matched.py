@@ -274,11 +274,11 @@ class Trend:
 
 def by_length(table: Table, comparisons: Sequence[Comparison]) -> list[Trend]:
     """The configurations compared with CLM after the same steps at two lengths or more, each as
-    one Trend (named without its length)."""
+    one Trend (named without its length; a warm start by its share of the steps)."""
     groups: dict[str, list[Comparison]] = {}
     for c in comparisons:
         if c.same_steps is not None:
-            groups.setdefault(table.label(c.row, skip=LENGTH_KEYS), []).append(c)
+            groups.setdefault(table.label(c.row, skip=LENGTH_KEYS, warm_share=True), []).append(c)
     return [Trend(label, sorted(cs, key=lambda c: c.steps)) for label, cs in groups.items()
             if len({c.steps for c in cs}) > 1]
 

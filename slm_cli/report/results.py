@@ -60,13 +60,15 @@ from slm_cli.report.table import (
 )
 from slm_cli.text import duration
 
-# part -> (its name on the page, its run folders under ROOT)
+# part -> (its name on the page, its run folders under ROOT: the first must exist, the others join
+# where they do). "lengths" is size A's comparison at every length: the main runs, lengths/L<steps>/
+# and CoCoNTs, each against CLM after as many steps.
 PARTS = {"methods_a": ("size A", ["methods/a"]), "methods_b": ("size B", ["methods/b"]),
+         "lengths": ("training length", ["lengths", "methods/a", "coconts"]),
          "rho1": ("RHO-1 mixture", ["rho1"]), "coconts": ("CoCoNTs", ["coconts", "methods/a/clm"])}
-PLOTS = {"methods_a": ["val_loss_vs_flops.png", "loss_vs_flops.png", "val_loss_vs_seconds.png", "delta_vs_length.png",
-                       "selection.png"],
-         "methods_b": ["val_loss_vs_flops.png"], "rho1": ["val_loss_by_source.png"],
-         "coconts": ["loss_vs_tokens.png"]}
+PLOTS = {"methods_a": ["val_loss_vs_flops.png", "loss_vs_flops.png", "val_loss_vs_seconds.png", "selection.png"],
+         "methods_b": ["val_loss_vs_flops.png"], "lengths": ["delta_vs_length.png"],
+         "rho1": ["val_loss_by_source.png"], "coconts": ["loss_vs_tokens.png"]}
 GPT2_EXPERIMENTS = ["clm_gpt2", "eslm_gpt2", "ada_eslm_gpt2", "rho1_gpt2", "coconts_gpt2"]
 GPUS = {"A100": "1 A100", "H100 SXM": "1 H100"}  # the plan's GPUs shown, and their column
 ORDER = ["clm", "random", "eslm", "eslm-entropy", "ada_eslm", "hier_eslm", "hier_eslm-entropy", "eslm-kd"]
@@ -428,6 +430,7 @@ class Study:
     steps: float
     plots: dict[str, list[str]]
     trends: dict[str, list[Trend]]   # per part: the configurations run at several lengths
+    keep: float                      # the main keep
 
     def find(self, part: str, name: str) -> Entry | None:
         return next((e for e in self.sizes[part] if e.method == name), None)
@@ -442,13 +445,14 @@ def study(reports: dict[str, build.Report], out_dir: Path, main_keep: float) -> 
     steps = max((e.steps or 0) for e in clm_a) if clm_a else 0.0
     sizes = {part: main_rows(parts[part], steps, main_keep) for part in ("methods_a", "methods_b")}
     trends = {part: by_length(report.table, report.comparisons) for part, report in reports.items()}
-    return Study(parts, sizes, steps, copy_plots(reports, out_dir), trends)
+    return Study(parts, sizes, steps, copy_plots(reports, out_dir), trends, main_keep)
 
 
 def by_length_text(trends: Sequence[Trend], entry: Entry) -> str:
     """" By training length (Δ against CLM after the same steps): 200 steps +0.51 ± 0.01 (worse),
     1600 steps …" for a configuration run at several lengths; "" otherwise."""
-    trend = next((t for t in trends if method_name(t.comparisons[0].row.runs[0].config).name == entry.name), None)
+    trend = next((t for t in trends for c in t.comparisons
+                  if c.steps == entry.steps and method_name(c.row.runs[0].config).name == entry.name), None)
     if trend is None:
         return ""
     cells = [f"{c.steps:.0f} steps {delta(c.loss, c.same_steps)}" for c in trend.comparisons]
@@ -462,7 +466,7 @@ def claims(s: Study) -> list[str]:
         eslm, rnd = s.find(part, "eslm"), s.find(part, "random")
         if not eslm:
             continue
-        trends = s.trends.get(part, [])
+        trends = s.trends.get("lengths", []) if part == "methods_a" else s.trends.get(part, [])
         lines.append(f"- **ESLM: CLM's loss or better with fewer FLOPs ({PARTS[part][0]})**: "
                      + claim(eslm) + " Against random at the same keep, ESLM is "
                      + said(diff_between(eslm, rnd) if rnd else None, "better", "worse", "no different") + "."
@@ -482,23 +486,38 @@ def claims(s: Study) -> list[str]:
 
 
 def rho1_claim(s: Study) -> list[str]:
-    """RHO-1 on the noisy mixture against CLM and random, on the clean source and overall; and,
-    where the part has CLM on RHO-1's window grid (clm-grid), against that CLM too."""
-    rho = {e.method: e for e in s.parts["rho1"]}
-    if "rho1" not in rho:
+    """RHO-1 on the noisy mixture against CLM and random, on the clean source and overall, at the
+    main length; against CLM and random on RHO-1's window grid (clm-grid, random-grid) where the
+    part has them; and the same at each other length it ran."""
+    by_steps: dict[float, dict[str, Entry]] = {}
+    for e in s.parts["rho1"]:
+        by_steps.setdefault(e.steps, {})[e.method] = e
+    main = s.steps if "rho1" in by_steps.get(s.steps, {}) else next((n for n in sorted(by_steps)
+                                                                       if "rho1" in by_steps[n]), None)
+    if main is None:
         return []
 
-    def between(a: str, b: str, figure: str = "val_loss") -> str:
+    def between(rho: dict[str, Entry], a: str, b: str, figure: str = "val_loss") -> str:
         return said(diff_between(rho[a], rho.get(b), figure), "better", "worse", "no different")
 
+    rho = by_steps[main]
     lines = ["- **RHO-1 beats CLM and random on the clean target when the data is noisy**: on held-out clean "
-             f"text (val loss wiki), RHO-1 against CLM is {between('rho1', 'clm', WIKI)}, against random "
-             f"{between('rho1', 'random', WIKI)}. Over all three sources (noise included) it is "
-             f"{between('rho1', 'clm')} than CLM: it learns the target by leaving the rest out."]
-    if "clm-grid" in rho:  # CLM on the very windows RHO-1 trains on: the window placement taken out
-        lines.append(f"  - Against CLM on RHO-1's window grid, on the clean text RHO-1 is "
-                     f"{between('rho1', 'clm-grid', WIKI)}; CLM on the grid against CLM is "
-                     f"{between('clm-grid', 'clm', WIKI)}.")
+             f"text (val loss wiki), RHO-1 against CLM is {between(rho, 'rho1', 'clm', WIKI)}, against random "
+             f"{between(rho, 'rho1', 'random', WIKI)}. Over all three sources (noise included) it is "
+             f"{between(rho, 'rho1', 'clm')} than CLM: it learns the target by leaving the rest out."]
+    for steps in sorted(by_steps):
+        rho, said_here = by_steps[steps], []
+        if "rho1" not in rho:
+            continue
+        if steps != main:
+            said_here.append(f"RHO-1 against CLM on the clean text is {between(rho, 'rho1', 'clm', WIKI)}")
+        if "clm-grid" in rho:  # CLM on the very windows RHO-1 trains on: the window placement taken out
+            said_here.append(f"against CLM on RHO-1's window grid, on the clean text RHO-1 is "
+                             f"{between(rho, 'rho1', 'clm-grid', WIKI)}, against random on the grid "
+                             f"{between(rho, 'rho1', 'random-grid', WIKI)}; CLM on the grid against CLM is "
+                             f"{between(rho, 'clm-grid', 'clm', WIKI)}")
+        if said_here:
+            lines.append(f"  - After {steps:.0f} steps: " + "; ".join(said_here) + ".")
     return lines
 
 
@@ -508,41 +527,63 @@ def methods_part(s: Study) -> list[str]:
     for part in ("methods_a", "methods_b"):
         if s.sizes[part]:
             lines += [f"### {PARTS[part][0]}", "", methods_table(s.sizes[part]), ""]
-            if downstream := downstream_table(s.sizes[part]):
-                lines += [f"Downstream accuracy ({PARTS[part][0]}; `slm eval tasks=`), its Δ against CLM after the "
-                          "same steps judged beyond 2 standard errors:", "", downstream, ""]
-            header, rows = length_text(s.trends.get(part, []))
-            if rows:
-                lines += [f"By training length ({PARTS[part][0]}): {LENGTH_NOTE}", "", table(header, rows), ""]
+            lines += downstream_lines(s.sizes[part], PARTS[part][0])
             lines += images(PARTS[part][0], s.plots.get(part, []))
     sweep, best = sweep_table(s.parts["methods_a"], s.steps)
     if best:
         lines += ["### Keep sweep (size A)", "", prose.KEEP_SWEEP, "", sweep, "",
                   "Best keep by mean validation loss: " + ", ".join(f"{m} {k:g}" for m, k in best.items()) + ".", ""]
-    return [*lines, "### Trend with scale", "", scale_text(s.sizes), ""]
+    return [*lines, *length_part(s), "### Trend with scale", "", scale_text(s.sizes), ""]
+
+
+def downstream_lines(rows: Sequence[Entry], where: str) -> list[str]:
+    """The downstream table of ``rows`` with its heading line, or nothing without results."""
+    downstream = downstream_table(rows)
+    if not downstream:
+        return []
+    return [f"Downstream accuracy ({where}; `slm eval tasks=`), its Δ against CLM after the same steps judged "
+            "beyond 2 standard errors:", "", downstream, ""]
+
+
+def length_part(s: Study) -> list[str]:
+    """Size A at every training length: Δ against CLM after the same steps by length (table and
+    figure), then each longer length's methods table and downstream accuracy."""
+    header, rows = length_text(s.trends.get("lengths", []))
+    if not rows:
+        return []
+    lines = ["### Training length (size A)", "", LENGTH_NOTE, "", table(header, rows), "",
+             *images("training length", s.plots.get("lengths", []))]
+    for steps in sorted({e.steps for e in s.parts["lengths"]} - {s.steps}):
+        at = main_rows(s.parts["lengths"], steps, s.keep)
+        if at:
+            lines += [f"#### {steps:.0f} steps", "", methods_table(at), "", *downstream_lines(at, f"{steps:.0f} steps")]
+    return lines
 
 
 def other_parts(s: Study) -> list[str]:
     """Parts 2 to 4: RHO-1 on the noisy mixture, CoCoNTs, and the runs' selection and throughput."""
     lines = []
     if s.parts["rho1"]:
-        rows = [[e.name, keep_text(e), f"{e.n}", e.pm(WIKI), e.pm("val_loss"),
-                 pct(e.mean("flops_saved_frac_nominal"))] for e in s.parts["rho1"]]
+        rows = [[e.name, keep_text(e), f"{e.steps:.0f}", f"{e.n}", e.pm(WIKI), e.pm("val_loss"),
+                 pct(e.mean("flops_saved_frac_nominal"))] for e in sorted(s.parts["rho1"], key=lambda e: e.steps)]
         lines += ["## 2. RHO-1 on a noisy mixture", "", prose.PART2, "",
-                  table(["method", "keep", "n", "val loss wiki (clean, held out)", "val loss (all sources)",
+                  table(["method", "keep", "steps", "n", "val loss wiki (clean, held out)", "val loss (all sources)",
                          "saved nominal"], rows), "", *images("RHO-1", s.plots.get("rho1", []))]
     if s.first("coconts", "coconts"):
         rows = [e for e in s.parts["coconts"] if e.method in ("clm", "coconts") and e.steps == s.steps]
         lines += ["## 3. CoCoNTs against CLM", "", prose.PART3, "", methods_table(rows), "",
                   *images("CoCoNTs", s.plots.get("coconts", []))]
-    shown = {p: [e for e in rows if p != "coconts" or e.method == "coconts"] for p, rows in s.parts.items()}
+    # each run once: CoCoNTs' part without its CLM, the lengths part without the main length (size A's)
+    shown = {p: [e for e in rows if (p != "coconts" or e.method == "coconts") and (p != "lengths" or e.steps != s.steps)]
+             for p, rows in s.parts.items()}
     return [*lines, "## 4. Selected fraction, alpha and throughput", "", prose.PART4, "", runs_table(shown), ""]
 
 
 def write_reports(root: Path) -> dict[str, build.Report]:
-    """Each part's `slm report`, written into ROOT/reports/<part>/ (the parts whose run folders exist)."""
-    reports = {part: build.write(find_runs([str(root / d) for d in dirs]), root / "reports" / part)
-               for part, (_, dirs) in PARTS.items() if all((root / d).is_dir() for d in dirs)}
+    """Each part's `slm report`, written into ROOT/reports/<part>/ (the parts whose first run folder
+    exists, with those of its other folders that do)."""
+    reports = {part: build.write(find_runs([str(root / d) for d in dirs if (root / d).is_dir()]), root / "reports" / part)
+               for part, (_, dirs) in PARTS.items() if (root / dirs[0]).is_dir()}
     if not reports:
         raise SlmError(f"no runs under {root}: run scripts/reproduce_small.sh first (it writes "
                        f"{', '.join(d for _, dirs in PARTS.values() for d in dirs)} there)")

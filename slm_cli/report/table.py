@@ -110,12 +110,13 @@ class Method:
         return self.family + (f" ({inside})" if inside else "") + self.suffix
 
 
-def method_name(config: Mapping[str, Any]) -> Method:
+def method_name(config: Mapping[str, Any], warm_share: bool = False) -> Method:
     """A run's method from its config (nested, or flat with dotted keys): "CLM", "Random (keep 0.6)",
     "ESLM (entropy, keep 0.6)", "Ada-ESLM (loss)", "Hierarchical ESLM (loss, windows 0.5, keep 0.6)",
     "RHO-1 (excess, keep 0.6)", "CoCoNTs", "ESLM-KD (loss, keep 0.6)"; with " warm start N" when
-    selection starts after N CLM steps, and " on RHO-1's grid" when a baseline's windows start on
-    the multiples of the context (RHO-1's scoring grid)."""
+    selection starts after N CLM steps (``warm_share``: " warm start 25% of steps", the same warm
+    start at every training length), and " on RHO-1's grid" when a baseline's windows start on the
+    multiples of the context (RHO-1's scoring grid)."""
     flat = flatten(dict(config))
     selection = {k[len("selection."):]: v for k, v in flat.items() if k.startswith("selection.")}
     strategy, target = selection.get("name") or "clm", flat.get("target.name") or "onehot"
@@ -136,19 +137,21 @@ def method_name(config: Mapping[str, Any]) -> Method:
     if (keep := keep_fraction(selection)) is not None:
         budget.append(f"keep {keep:g}")
         keys.add("selection.ratio" if strategy in ("random", "rho1") else "selection.alpha")
-    return Method(family, score, tuple(budget), _setting_suffix(flat, strategy), frozenset(keys | SETTING_KEYS))
+    suffix = _setting_suffix(flat, strategy, warm_share)
+    return Method(family, score, tuple(budget), suffix, frozenset(keys | SETTING_KEYS))
 
 
 SETTING_KEYS = frozenset({"trainer.selection_start_step", "data.window_grid"})
 
 
-def _setting_suffix(flat: Mapping[str, Any], strategy: str) -> str:
-    """" warm start 100" (CLM before that step), " on RHO-1's grid" (windows on the multiples of
-    the context, where RHO-1's stored scores lie; RHO-1 itself always trains there)."""
+def _setting_suffix(flat: Mapping[str, Any], strategy: str, warm_share: bool = False) -> str:
+    """" warm start 100" (CLM before that step; ``warm_share``: as a share of trainer.max_steps),
+    " on RHO-1's grid" (windows on the multiples of the context, where RHO-1's stored scores lie;
+    RHO-1 itself always trains there)."""
     suffix = ""
-    start = _number(flat, "trainer.selection_start_step")
+    start, steps = _number(flat, "trainer.selection_start_step"), _number(flat, "trainer.max_steps")
     if strategy != "clm" and start:
-        suffix += f" warm start {start:g}"
+        suffix += f" warm start {100 * start / steps:.3g}% of steps" if warm_share and steps else f" warm start {start:g}"
     grid = flat.get("data.window_grid")
     if strategy != "rho1" and grid is not None:
         suffix += " on RHO-1's grid" if grid == flat.get("model.block_size") else f" on a {grid}-token grid"
@@ -198,22 +201,23 @@ class Table:
     rows: list[Row]
     _labels_cache: dict[tuple, dict[int, str]] = field(default_factory=dict, repr=False, compare=False)
 
-    def method(self, row: Row) -> Method:
-        return method_name(row.runs[0].config)
+    def method(self, row: Row, warm_share: bool = False) -> Method:
+        return method_name(row.runs[0].config, warm_share)
 
-    def label(self, row: Row, skip: Sequence[str] = (), budget: bool = True) -> str:
+    def label(self, row: Row, skip: Sequence[str] = (), budget: bool = True, warm_share: bool = False) -> str:
         """A row's name for a reader: its method ("ESLM (loss, keep 0.6)"), and the config values
         that tell it apart from the other rows of the same method ("ESLM (loss, keep 0.6), 400
-        steps"). ``skip``: columns left out; ``budget=False``: the method without its budget."""
-        cache = (tuple(skip), budget)
+        steps"). ``skip``: columns left out; ``budget=False``: the method without its budget;
+        ``warm_share``: a warm start as a share of the steps (the same at every length)."""
+        cache = (tuple(skip), budget, warm_share)
         if cache not in self._labels_cache:
             self._labels_cache[cache] = self._labels(*cache)
         return self._labels_cache[cache][id(row)]
 
-    def _labels(self, skip: tuple[str, ...], budget: bool) -> dict[int, str]:
+    def _labels(self, skip: tuple[str, ...], budget: bool, warm_share: bool) -> dict[int, str]:
         """Each row's label by id: rows of one method name are told apart by the columns that
         differ among them (not those the name states)."""
-        methods = {id(row): self.method(row) for row in self.rows}
+        methods = {id(row): self.method(row, warm_share) for row in self.rows}
         groups: dict[str, list[Row]] = {}
         for row in self.rows:
             m = methods[id(row)]
