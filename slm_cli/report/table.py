@@ -8,6 +8,7 @@ the report with their status.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 import statistics
@@ -253,17 +254,22 @@ def _comparable(value: Any) -> Any:
 
 def _group_default(group: str, name: Any, leaf: str) -> tuple[bool, Any]:
     """(found, value) of ``leaf`` in conf/<group>/<name>.yaml, the package's config group file."""
-    from importlib.resources import files
-
     if not isinstance(name, str) or "." in group or not name.replace("-", "").replace("_", "").isalnum():
         return False, None
+    defaults = _group_file(group, name)
+    return (leaf in defaults), defaults.get(leaf)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_file(group: str, name: str) -> dict[str, Any]:
+    """conf/<group>/<name>.yaml flattened; {} when the package has no such file."""
+    from importlib.resources import files
+
     try:
-        text = (files("slm_cli.conf") / group / f"{name}.yaml").read_text()
-        defaults = yaml.safe_load(text) or {}
+        defaults = yaml.safe_load((files("slm_cli.conf") / group / f"{name}.yaml").read_text()) or {}
     except (OSError, ModuleNotFoundError, yaml.YAMLError):
-        return False, None
-    flat = flatten(defaults) if isinstance(defaults, dict) else {}
-    return (leaf in flat), flat.get(leaf)
+        return {}
+    return flatten(defaults) if isinstance(defaults, dict) else {}
 
 
 def config_columns(runs: Sequence[Run]) -> tuple[list[str], dict[str, Any]]:
