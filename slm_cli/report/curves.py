@@ -210,7 +210,7 @@ def seconds_curves(table: Table, path: Path) -> Path | None:
     the time the user pays, on this machine with whatever else it ran."""
     plt = pyplot()
     style, _ = styles(table)
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
     drawn = _draw_curves(ax, table, style, "val/loss", SECONDS, markers=True)
     if not drawn:
         plt.close(fig)

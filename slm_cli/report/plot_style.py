@@ -4,9 +4,9 @@ configuration, the figure's legend, SI axis labels and the PNG it is saved as.
 A configuration's look is the same in every figure: its method family (CLM, Random, ESLM, ...)
 sets the line style and marker, its series (the method without its budget and length, e.g.
 "ESLM (loss)") the hue, and its place within the series (keep 0.4, 0.6, ...) the shade of that
-hue, darkest first. CLM is black and grey: the reference. Legends go below the panels, as many
-columns as fit the figure's width, or in one column beside them when they would take more
-rows than the panels' height holds.
+hue, darkest first (the smallest budget, the shortest run). CLM is black and grey: the reference. Legends go below the panels, in as
+many columns as fit the figure's width, or in one column beside them when below they would be
+taller than 45% of the figure.
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ def _shade(color: Any, j: int, k: int) -> tuple[float, float, float]:
     return tuple(c + (1 - c) * mix for c in to_rgb(color))  # type: ignore[return-value]
 
 
+def _sort_key(value: Any) -> tuple[int, float, str]:
+    """Numbers in order, then text, then absent values."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value)) if value is not None else (2, 0.0, "")
+
+
 def styles(table: Table) -> tuple[dict[int, Style], dict[str, list[int]]]:
     """Row index -> its style, and series label -> its row indices. A series is named with its
     budget when all its configurations share one ("ESLM (loss, keep 0.6)" at 100 and 200 steps),
@@ -76,6 +83,9 @@ def styles(table: Table) -> tuple[dict[int, Style], dict[str, list[int]]]:
     keyed: dict[str, list[int]] = {}
     for i, row in enumerate(table.rows):
         keyed.setdefault(table.label(row, skip=skip, budget=False), []).append(i)
+    along = [table.columns.index(c) for c in skip]
+    for members in keyed.values():  # along a series by budget and length, smallest first
+        members.sort(key=lambda i: [_sort_key(table.rows[i].key[k]) for k in along])
     keyed = dict(sorted(keyed.items(), key=lambda kv: table.method(table.rows[kv[1][0]]).family != "CLM"))
     families = list(dict.fromkeys(["CLM", *(table.method(row).family for row in table.rows)]))
     hues = plt.get_cmap("tab10" if len(keyed) <= 10 else "tab20")
@@ -116,7 +126,7 @@ def save(fig: Any, path: Path) -> Path:
 def legend(fig: Any, axes: Sequence[Any]) -> None:
     """One legend for the figure, with each label once, that leaves the panels their size: below
     them, in as many columns as fit the figure's width; beside them in one column when below it
-    would take more rows than a third of the figure's height. The PNG is cropped to include it
+    would be taller than 45% of the figure. The PNG is cropped to include it
     (savefig's bbox_inches="tight")."""
     seen: dict[str, Any] = {}
     for ax in axes:
@@ -133,7 +143,7 @@ def legend(fig: Any, axes: Sequence[Any]) -> None:
                          bbox_to_anchor=(0.5, 0.0), fontsize=9)
         extent = box.get_window_extent(renderer)
         if extent.width <= fig.get_figwidth() * fig.dpi:
-            if extent.height <= fig.get_figheight() * fig.dpi / 3:
+            if extent.height <= 0.45 * fig.get_figheight() * fig.dpi:
                 return
             box.remove()
             break  # fewer columns only make it taller

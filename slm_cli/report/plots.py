@@ -129,7 +129,7 @@ def delta_vs_length(table: Table, path: Path) -> Path | None:
         return None
     style, _ = styles(table)
     index = {id(row): i for i, row in enumerate(table.rows)}
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    fig, ax = plt.subplots(figsize=(9.0, 4.8))
     ax.axhline(0.0, color="0.2", linewidth=1, label="CLM (same steps)")
     for trend in trends:
         st = style[index[id(trend.comparisons[0].row)]]
