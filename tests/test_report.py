@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import yaml
 
+from slm_cli.report.runs import Run
 from tests.helpers import QUIET, TINY_DATA, TINY_MODEL, earlier_summary, ok, slm
 
-PNGS = ["val_loss_vs_flops.png", "loss_vs_tokens.png", "loss_vs_flops.png", "selection.png"]
+PNGS = ["val_loss_vs_flops.png", "loss_vs_tokens.png", "loss_vs_flops.png", "val_loss_vs_seconds.png", "selection.png"]
 TOKENS_PER_STEP = 4 * 32  # data.batch_size=4 windows of model.block_size=32 (TINY_DATA, TINY_MODEL)
 
 
@@ -113,7 +114,7 @@ def test_config_columns_are_the_keys_that_differ(sweep: Path, reported: Path) ->
 
 
 def test_config_columns_unit() -> None:
-    from slm_cli.report.runs import FINISHED, Run
+    from slm_cli.report.runs import FINISHED
     from slm_cli.report.table import config_columns
 
     def run(**config: dict) -> Run:
@@ -131,6 +132,98 @@ def test_config_columns_unit() -> None:
     assert config_columns(runs)[0] == ["selection.name", "selection.score", "selection.alpha"]
     # nothing differs but the seed: no config columns, one row
     assert config_columns([run(seed=1, selection={"name": "clm"}), run(seed=2, selection={"name": "clm"})])[0] == []
+
+
+def conf(group: str, name: str, **overrides: object) -> dict:
+    """A config group as a run dir holds it: the package's conf/<group>/<name>.yaml, then overrides."""
+    return {**yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / group / f"{name}.yaml").read_text()),
+            **overrides}
+
+
+def test_method_names_read_as_a_reader_says_them() -> None:
+    from slm_cli.report.table import keep_fraction, method_name, window_keep
+
+    onehot, kd, coconts = conf("target", "onehot"), conf("target", "kd", teacher="/t"), conf("target", "coconts")
+    cases = [
+        ({"selection": conf("selection", "clm"), "target": onehot}, "CLM"),
+        ({"selection": conf("selection", "random"), "target": onehot}, "Random (keep 0.6)"),
+        ({"selection": conf("selection", "eslm"), "target": onehot}, "ESLM (loss, keep 0.6)"),
+        ({"selection": conf("selection", "eslm", score="entropy", alpha=0.8), "target": onehot},
+         "ESLM (entropy, keep 0.2)"),
+        ({"selection": conf("selection", "ada_eslm"), "target": onehot}, "Ada-ESLM (loss)"),
+        ({"selection": conf("selection", "hier_eslm"), "target": onehot},
+         "Hierarchical ESLM (loss, windows 0.5, keep 0.6)"),
+        ({"selection": conf("selection", "rho1"), "target": onehot}, "RHO-1 (excess, keep 0.6)"),
+        ({"selection": conf("selection", "clm"), "target": coconts}, "CoCoNTs"),
+        ({"selection": conf("selection", "eslm"), "target": kd}, "ESLM-KD (loss, keep 0.6)"),
+        ({"selection": conf("selection", "random"), "target": kd}, "Random + KD (keep 0.6)"),
+        ({"selection": conf("selection", "eslm"), "target": onehot, "trainer": {"selection_start_step": 100}},
+         "ESLM (loss, keep 0.6) warm start 100"),
+        ({"selection": conf("selection", "clm"), "target": onehot, "trainer": {"selection_start_step": 100}}, "CLM"),
+        ({"selection": conf("selection", "clm"), "target": onehot, "data": {"window_grid": 128},
+          "model": {"block_size": 128}}, "CLM on RHO-1's grid"),
+        ({"selection": conf("selection", "random"), "target": onehot, "data": {"window_grid": 64},
+          "model": {"block_size": 128}}, "Random (keep 0.6) on a 64-token grid"),
+        ({"selection": conf("selection", "rho1"), "target": onehot, "data": {"window_grid": 128},
+          "model": {"block_size": 128}}, "RHO-1 (excess, keep 0.6)"),  # RHO-1 always trains on its grid
+        ({"selection": {"name": "mine", "ratio": 0.5}, "target": onehot}, "mine"),
+    ]
+    for config, name in cases:
+        assert method_name(config).name == name, config
+        assert method_name(flatten(config)).name == name  # a flat config names the same
+    assert method_name(cases[2][0]).series == "ESLM (loss)" and method_name(cases[0][0]).series == "CLM"
+    # the one keep fraction, for every strategy (Hierarchical ESLM: of the windows it keeps)
+    assert keep_fraction(conf("selection", "hier_eslm", alpha=0.3)) == 0.7
+    assert window_keep(conf("selection", "hier_eslm", window_alpha=0.75)) == 0.25
+    assert window_keep(conf("selection", "eslm")) is None and keep_fraction(conf("selection", "ada_eslm")) is None
+
+
+def run_with(**config: dict) -> Run:
+    from slm_cli.report.runs import FINISHED, Run
+
+    return Run(dir=Path("/x"), config=config, summary=None, status=FINISHED)
+
+
+def test_what_tells_configurations_apart() -> None:
+    """Bookkeeping never does; a key only some runs have does; an empty setting is not held fixed."""
+    from slm_cli.report.build import held_fixed
+    from slm_cli.report.table import build_table, results_rows
+
+    # ESLM ranked by entropy beside CLM, checkpointed at another cadence: the entropy is what differs
+    clm = run_with(selection=conf("selection", "clm"), target=conf("target", "onehot"),
+                   trainer={"checkpoint_every_n_steps": 100, "max_steps": 200, "log_every_n_steps": 10},
+                   logger={"wandb": {"id": "abc"}}, task_name="train")
+    entropy = run_with(selection=conf("selection", "eslm", score="entropy"), target=conf("target", "onehot"),
+                       trainer={"checkpoint_every_n_steps": 20, "max_steps": 200, "log_every_n_steps": 5},
+                       logger={"wandb": {"id": "def"}}, task_name="train-2")
+    table = build_table([clm, entropy])
+    assert table.columns == ["selection.name", "selection.score", "selection.alpha"]
+    assert [table.label(row) for row in table.rows] == ["CLM", "ESLM (entropy, keep 0.6)"]
+    header, rows = results_rows(table, lambda run: "r")
+    assert header[:5] == ["method", "selection.name", "selection.score", "selection.alpha", "n"]
+    assert rows[0][:4] == ["CLM", "clm", "—", "—"] and rows[1][:4] == ["ESLM (entropy, keep 0.6)", "eslm", "entropy", "0.4"]
+    # ESLM by loss (its default) beside CLM: the name says it, no score column
+    loss = run_with(selection=conf("selection", "eslm"), target=conf("target", "onehot"),
+                    trainer={"checkpoint_every_n_steps": 100, "max_steps": 200})
+    assert build_table([clm, loss]).columns == ["selection.name", "selection.alpha"]
+    # a key an older run does not have at all counts (absent: "—"), and so names the warm start
+    older = run_with(selection=conf("selection", "eslm"), trainer={"max_steps": 200})
+    warm = run_with(selection=conf("selection", "eslm"), trainer={"max_steps": 200, "selection_start_step": 50})
+    table = build_table([older, warm])
+    assert table.columns == ["trainer.selection_start_step"]
+    assert [table.label(row) for row in table.rows] == ["ESLM (loss, keep 0.6)", "ESLM (loss, keep 0.6) warm start 50"]
+    assert [r[1] for r in results_rows(table, lambda run: "r")[1]] == ["—", "50"]
+    # data=text: data.name is null, and the same method for every run is named, not its keys
+    runs = [run_with(selection=conf("selection", "eslm"), data={"name": None, "path": "a.txt", "batch_size": 16},
+                     model={"name": "gpt2-nano"}, seed=seed) for seed in (1, 2)]
+    line = held_fixed(build_table(runs), runs)
+    assert line == "Held fixed: method ESLM (loss, keep 0.6), model.name gpt2-nano, data.batch_size 16."
+    # rows of one method are told apart by what differs among them, read as a reader would
+    runs = [run_with(selection=conf("selection", "clm"), trainer={"max_steps": n}, optim={"lr": lr})
+            for n in (100, 200) for lr in (1e-3, 1e-3)] + [run_with(selection=conf("selection", "random"),
+                                                                     trainer={"max_steps": 200}, optim={"lr": 3e-4})]
+    table = build_table(runs)
+    assert [table.label(row) for row in table.rows] == ["CLM, 100 steps", "CLM, 200 steps", "Random (keep 0.6)"]
 
 
 def test_older_summaries_are_read_under_their_earlier_names() -> None:
@@ -343,3 +436,59 @@ def test_without_matplotlib_one_line_names_the_extra(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     with pytest.raises(SlmError, match=re.escape("pip install 'slm[report]'")):
         pyplot()
+
+
+# ---- figures a reader takes in at a glance ---------------------------------------------------------
+
+def test_point_labels_do_not_overlap() -> None:
+    """Labels of a tight cluster of points: none on another label or on any point's marker, all
+    inside the axes, where there is room for them."""
+    from slm_cli.report.plot_style import place_labels
+
+    rng = np.random.default_rng(0)
+    anchors = [tuple(p) for p in rng.normal(300.0, 25.0, size=(14, 2))]
+    sizes = [(float(rng.integers(30, 70)), 10.0) for _ in anchors]
+    bounds = (0.0, 0.0, 600.0, 600.0)
+    offsets = place_labels(anchors, sizes, bounds, marker=5.0)
+    boxes = [(x + dx, y + dy, x + dx + w, y + dy + h)
+             for (x, y), (dx, dy), (w, h) in zip(anchors, offsets, sizes, strict=True)]
+
+    def overlaps(a: tuple, b: tuple) -> bool:  # open boxes: touching edges do not overlap
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for i, a in enumerate(boxes):
+        assert bounds[0] <= a[0] and a[2] <= bounds[2] and bounds[1] <= a[1] and a[3] <= bounds[3]
+        assert not any(overlaps(a, b) for b in boxes[i + 1:]), i
+        assert not any(overlaps(a, (x - 5, y - 5, x + 5, y + 5)) for x, y in anchors), i
+    # each label stays near its point (a leader line is drawn beyond 14 pixels)
+    assert max(max(abs(dx + w / 2), abs(dy + h / 2)) for (dx, dy), (w, h) in zip(offsets, sizes, strict=True)) < 140
+
+
+def test_legend_leaves_the_panels_their_size() -> None:
+    """Below the panels when it fits the figure's width in few rows, else beside them in one column;
+    either way the panels keep the place tight_layout gave them."""
+    from slm_cli.report.plot_style import legend, pyplot
+
+    plt = pyplot()
+    for count, beside in ((4, False), (24, True)):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+        for i in range(count):
+            axes[0].plot([0, 1], [i, i + 1], label=f"Hierarchical ESLM (loss, windows 0.5, keep 0.{i}) warm start 100")
+        fig.tight_layout()
+        before = [v for ax in axes for v in ax.get_position().bounds]
+        legend(fig, axes)
+        box = fig.legends[0].get_window_extent(fig.canvas.get_renderer())
+        assert [v for ax in axes for v in ax.get_position().bounds] == pytest.approx(before)
+        assert (box.x0 >= fig.bbox.x1 - 1) == beside  # beside: to the right of the figure
+        if not beside:
+            assert box.width <= fig.bbox.width and box.y1 <= fig.bbox.y0 + 1  # below, within the width
+        plt.close(fig)
+
+
+def test_train_time_of_a_resumed_run_counts_on() -> None:
+    """Each process's ThroughputMonitor starts from zero: the time before a resume carries on."""
+    from slm_cli.report.curves import resumed_time
+
+    first, second = [1.0, 2.5, 4.0], [0.5, 2.0, 3.0]  # a resume after 4.0 s, then 3.0 s more
+    assert resumed_time(first + second).tolist() == pytest.approx(first + [4.0 + t for t in second])
+    assert resumed_time(first).tolist() == first

@@ -90,12 +90,16 @@ def loss_at(step: float, final_offset: float, seed: int) -> float:
 
 def make_run(d: Path, selection: dict, seed: int, steps: int, offset: float, keep: float = 1.0,
              target: dict | None = None, data: str = "wikitext2", sources: dict[str, float] | None = None,
-             extra_flops: float = 0.0, start: float = T0) -> None:
-    """A finished run dir: config, summary.json and metrics.csv with known figures."""
+             extra_flops: float = 0.0, start: float = T0, trainer: dict | None = None) -> None:
+    """A finished run dir: config, summary.json and metrics.csv with known figures; ``trainer``:
+    more trainer settings (a warm start), or a data.* key (the window grid) as "data.<key>"."""
     (d / ".hydra").mkdir(parents=True)
     config = {"seed": seed, "task_name": "train", "selection": selection, "target": target or {"name": "onehot"},
-              "model": {"name": "gpt2-nano", "n_embd": 128}, "data": {"name": data},
+              "model": {"name": "gpt2-nano", "n_embd": 128, "block_size": 128}, "data": {"name": data},
               "trainer": {"max_steps": steps, "val_check_interval": VAL_EVERY}}
+    for key, value in (trainer or {}).items():
+        group, _, leaf = key.rpartition(".")
+        config[group or "trainer"][leaf] = value
     (d / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
     tokens = TOKENS_PER_STEP * steps
     selected = math.ceil(keep * TOKENS_PER_STEP) * steps
@@ -202,24 +206,26 @@ def test_page_states_the_studys_figures(study: tuple[Path, str]) -> None:
     _, page = study
     clm, eslm, entropy = final_losses(0.0), final_losses(0.5), final_losses(0.01)
     rows = table_after(page, "### size A")
-    assert list(rows) == ["clm", "random", "eslm", "eslm-entropy", "ada_eslm", "eslm-kd"]
+    assert list(rows) == ["CLM", "Random (keep 0.6)", "ESLM (loss, keep 0.6)", "ESLM (entropy, keep 0.6)",
+                          "Ada-ESLM (loss)", "ESLM-KD (loss, keep 0.6)"]
+    eslm_row = rows["ESLM (loss, keep 0.6)"]
     # ESLM: worse than CLM after the same steps, by the hand-made offset, with its spread
-    assert f"| {eslm.mean():.4f} ± {eslm.std(ddof=1):.4f} |" in rows["eslm"]
-    assert f"| {delta_text(eslm, clm)} (worse) |" in rows["eslm"]
-    assert f"| {delta_text(entropy, clm)} (no difference) |" in rows["eslm-entropy"]
+    assert f"| {eslm.mean():.4f} ± {eslm.std(ddof=1):.4f} |" in eslm_row
+    assert f"| {delta_text(eslm, clm)} (worse) |" in eslm_row
+    assert f"| {delta_text(entropy, clm)} (no difference) |" in rows["ESLM (entropy, keep 0.6)"]
     # the keep-0.6 saving: 1 − (1/3 + 2/3·⌈0.6·2048⌉/2048) nominal, 0.2·(1 − k) realised
     k = math.ceil(0.6 * TOKENS_PER_STEP) / TOKENS_PER_STEP
-    assert f"| {100 * (2 / 3) * (1 - k):.1f}% | {100 * 0.2 * (1 - k):.1f}% | never |" in rows["eslm"]
+    assert f"| {100 * (2 / 3) * (1 - k):.1f}% | {100 * 0.2 * (1 - k):.1f}% | never |" in eslm_row
     assert "**ESLM: CLM's loss or better with fewer FLOPs (size A)**: **does not reproduce**" in page
-    assert "  - eslm-kd: **no saving**" in page  # its teacher's forward costs more than selection saves
+    assert "  - ESLM-KD (loss, keep 0.6): **no saving**" in page  # its teacher's forward costs more than selection saves
     # the keep sweep: ESLM's loss grows with the keep here, random's is lowest at the main keep
-    assert "Best keep by mean validation loss: eslm 0.2, eslm-entropy 0.6, random 0.6." in page
+    assert "Best keep by mean validation loss: ESLM (loss) 0.2, ESLM (entropy) 0.6, Random 0.6." in page
     # RHO-1 on the clean source: 0.3 nats better on it, 0.2 worse overall, against CLM
     rho1_wiki, clm_wiki = final_losses(0.2) - 0.6, final_losses(0.0) - 0.3
     assert f"RHO-1 against CLM is better (Δ {delta_text(rho1_wiki, clm_wiki)})" in page
     assert f"Over all three sources (noise included) it is worse (Δ {delta_text(final_losses(0.2), clm)})" in page
     rho = table_after(page, "## 2. RHO-1 on a noisy mixture")
-    assert f"| {rho1_wiki.mean():.4f} ± {rho1_wiki.std(ddof=1):.4f} |" in rho["rho1"]
+    assert f"| {rho1_wiki.mean():.4f} ± {rho1_wiki.std(ddof=1):.4f} |" in rho["RHO-1 (keep 0.6)"]
     assert "**CoCoNTs converges faster than CLM**: it reaches CLM's final validation loss at step" in page
 
 
@@ -244,7 +250,7 @@ def test_page_runs_plans_machine_and_plots(study: tuple[Path, str]) -> None:
     assert (root / "reports" / "methods_a" / "report.md").is_file()  # each part's `slm report`
     # Ada-ESLM's α: from 0.5 down by 0.02 a step to its floor 0.2, the same for both seeds
     alphas = [max(0.2, 0.5 - 0.02 * step) for step in range(1, STEPS + 1)]
-    assert f"| size A | ada_eslm | adaptive | 100 | 2 | 80.0% | {np.mean(alphas):.3f}; 0.200 |" in page
+    assert f"| size A | Ada-ESLM (loss) | adaptive | 100 | 2 | 80.0% | {np.mean(alphas):.3f}; 0.200 |" in page
     # CLM's tokens at size A (2048 × 100), over the corpus's 290k training tokens
     assert "205k training tokens, 0.7 passes over a corpus of 290k tokens." in page
 
@@ -266,3 +272,75 @@ def test_no_runs_is_one_line(tmp_path: Path) -> None:
 
     with pytest.raises(SlmError, match="no runs under .*run scripts/reproduce_small.sh first"):
         results.write_reports(tmp_path)
+
+
+def test_downstream_and_training_length_on_the_page(tmp_path: Path) -> None:
+    """The page's downstream table (accuracy ± std with n, Δ against CLM judged beyond 2 SE) and a
+    claim's verdict at each training length, against numpy."""
+    from slm_cli.report.build import write
+    from slm_cli.report.matched import by_length
+
+    acc = {("clm", 1): 0.40, ("clm", 2): 0.42, ("eslm", 1): 0.50, ("eslm", 2): 0.53}
+    for steps in (60, 100):
+        for seed in (1, 2):
+            for name, selection, offset in (("clm", {"name": "clm"}, 0.0),
+                                            ("eslm", {"name": "eslm", "alpha": 0.4, "score": "loss"}, 0.3)):
+                d = tmp_path / "runs" / f"{name}{steps}" / str(seed)
+                make_run(d, selection, seed, steps, offset * steps / 100, keep=0.6 if name == "eslm" else 1.0)
+                if steps == 100:
+                    (d / "eval").mkdir()
+                    (d / "eval" / "slm_local.json").write_text(json.dumps({"results": {"lastword": {"acc,none": acc[name, seed]}}}))
+    report = write(find_runs([str(tmp_path / "runs")]), tmp_path / "report")
+    rows = results.entries(report)
+    eslm = next(e for e in rows if e.method == "eslm" and e.steps == 100)
+    clm = next(e for e in rows if e.method == "clm" and e.steps == 100)
+    lines = results.downstream_table([clm, eslm]).splitlines()
+    assert lines[0] == "| method | acc lastword | Δ vs CLM |"
+    a, b = np.array([acc["eslm", 1], acc["eslm", 2]]), np.array([acc["clm", 1], acc["clm", 2]])
+    assert lines[3] == (f"| ESLM (loss, keep 0.6) | {a.mean():.4f} ± {a.std(ddof=1):.4f} (n=2) | "
+                        f"{delta_text(a, b)} (better) |")
+    assert lines[2].startswith(f"| CLM | {b.mean():.4f} ± {b.std(ddof=1):.4f} (n=2) | – |")
+    text = results.by_length_text(by_length(report.table, report.comparisons), eslm)
+    deltas = [delta_text(np.array([loss_at(s, 0.3 * s / 100, seed) for seed in (1, 2)]), final_losses(0.0, s))
+              for s in (60, 100)]
+    assert text == (" By training length (Δ against CLM after the same steps): "
+                    f"60 steps {deltas[0]} (worse), 100 steps {deltas[1]} (worse).")
+
+
+def test_training_length_and_the_grid_on_the_page(tmp_path: Path) -> None:
+    """reproduce_small.sh's longer runs (lengths/L300) and RHO-1 baselines on RHO-1's window grid:
+    the Δ against CLM at each length (a warm start named by its share of the steps, the same at
+    both), the claim's verdict per length, and RHO-1 against CLM on the grid, against numpy."""
+    eslm = {"name": "eslm", "alpha": 0.4, "score": "loss"}
+    for root, steps, shift in ((tmp_path / "methods" / "a", STEPS, 0.0), (tmp_path / "lengths" / "L300", 300, 0.1)):
+        for seed in (1, 2):
+            make_run(root / "clm" / str(seed), {"name": "clm"}, seed, steps, 0.0)
+            make_run(root / "eslm" / str(seed), eslm, seed, steps, 0.4 + shift, keep=0.6)
+            make_run(root / "eslm_warm" / str(seed), eslm, seed, steps, 0.2 - shift, keep=0.6,
+                     trainer={"selection_start_step": steps // 4})
+    mix = {"wiki": -0.3, "shuffled": 1.0}
+    for sub, steps in (("", STEPS), ("L300", 300)):
+        for name, selection, offset, grid in (("clm", {"name": "clm"}, 0.0, None), ("rho1", {"name": "rho1", "ratio": 0.6}, 0.2, None),
+                                              ("clm_grid", {"name": "clm"}, 0.05, 128),
+                                              ("random_grid", {"name": "random", "ratio": 0.6}, 0.1, 128)):
+            for seed in (1, 2):
+                make_run(tmp_path / "rho1" / sub / name / str(seed), selection, seed, steps, offset, data="noisy-mix",
+                         sources={**mix, "wiki": mix["wiki"] - (0.3 if name == "rho1" else 0.0)},
+                         trainer={} if grid is None else {"data.window_grid": grid})
+    reports = results.write_reports(tmp_path)
+    assert sorted(reports) == ["lengths", "methods_a", "rho1"]
+    page = results.page(tmp_path, reports, tmp_path / "docs" / "results.md", "reproduce", 0.6, {})
+    rows = table_after(page, "### Training length (size A)")
+    assert list(rows) == ["ESLM (loss, keep 0.6)", "ESLM (loss, keep 0.6) warm start 25% of steps"]
+    for label, offsets in (("ESLM (loss, keep 0.6)", (0.4, 0.5)), ("ESLM (loss, keep 0.6) warm start 25% of steps", (0.2, 0.1))):
+        cells = [delta_text(np.array([loss_at(n, o, seed) for seed in (1, 2)]), final_losses(0.0, n))
+                 for n, o in zip((STEPS, 300), offsets, strict=True)]
+        assert rows[label] == f"| {label} | {cells[0]} (worse) | {cells[1]} (worse) |"
+    assert "#### 300 steps" in page and "![training length: lengths-delta_vs_length](img/results/lengths-delta_vs_length.png)" in page
+    assert (f"By training length (Δ against CLM after the same steps): 100 steps "
+            f"{delta_text(final_losses(0.4), final_losses(0.0))} (worse), 300 steps") in page
+    wiki = {name: np.array([loss_at(n, o, seed) + w for seed in (1, 2)])
+            for name, o, w, n in (("rho1", 0.2, -0.6, STEPS), ("clm_grid", 0.05, -0.3, STEPS))}
+    assert (f"  - After 100 steps: against CLM on RHO-1's window grid, on the clean text RHO-1 is better "
+            f"(Δ {delta_text(wiki['rho1'], wiki['clm_grid'])})") in page
+    assert "  - After 300 steps: RHO-1 against CLM on the clean text is better" in page

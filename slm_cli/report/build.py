@@ -22,17 +22,19 @@ from slm_cli.report.table import (
     Table,
     build_table,
     csv_text,
+    downstream_rows,
     format_value,
     markdown_table,
+    method_name,
     results_rows,
     runs_rows,
 )
 
 MARKER = "report.md"  # every report folder holds one: staged_folder replaces only such folders
-# Shared settings named in the report's "held fixed" line, when every run has the same value.
-FIXED_SHOWN = ["selection.name", "selection.ratio", "selection.alpha", "target.name", "model.name", "data.name",
-               "trainer.max_steps", "data.batch_size", "model.block_size", "trainer.accumulate_grad_batches",
-               "trainer.devices", "trainer.num_nodes", "optim.lr"]
+# Shared settings named in the report's "held fixed" line, when every run has the same value (the
+# method, by its name, when every run has the same).
+FIXED_SHOWN = ["model.name", "data.name", "trainer.max_steps", "data.batch_size", "model.block_size",
+               "trainer.accumulate_grad_batches", "trainer.devices", "trainer.num_nodes", "optim.lr"]
 FLOPS_NOTE = ("FLOPs: realised is what the code executed, nominal the papers' accounting (the backward pass "
               "of the selected tokens only; docs/flops.md); saved = 1 − FLOPs / FLOPs of CLM steps on the same "
               "tokens.")
@@ -123,12 +125,49 @@ def _intro(table: Table, runs: Sequence[Run], base: Path) -> tuple[str, str]:
             f"written {time.strftime('%Y-%m-%d %H:%M')} by `slm report`.")
     if not finished:
         line += " No run has finished yet: the tables have no figures; the plots show what is logged so far."
-    fixed = [f"{k} {format_value(table.fixed[k])}" for k in FIXED_SHOWN if k in table.fixed]
-    return line, ("Held fixed: " + ", ".join(fixed) + ".") if fixed else ""
+    return line, held_fixed(table, runs)
+
+
+def held_fixed(table: Table, runs: Sequence[Run]) -> str:
+    """The "held fixed" line: the method every run shares (by its name) and the FIXED_SHOWN
+    settings every run shares; an empty or null setting (data=text's data.name) is not a setting."""
+    fixed = [f"{k} {format_value(table.fixed[k])}" for k in FIXED_SHOWN
+             if k in table.fixed and table.fixed[k] not in (None, "", [], {})]
+    methods = {method_name(run.config).name for run in runs}
+    if len(methods) == 1 and runs:
+        fixed.insert(0, f"method {methods.pop()}")
+    return ("Held fixed: " + ", ".join(fixed) + ".") if fixed else ""
 
 
 def _aligns(header: Sequence[str], first_numeric: int) -> str:
     return "".join("r" if first_numeric <= i < len(header) - 1 else "l" for i in range(len(header)))
+
+
+DOWNSTREAM = ("Accuracy of each configuration's final model per task (lm-eval's acc), from `slm eval "
+              "ckpt_path=<run> tasks=...` (its results in <run>/eval/): mean ± sample standard deviation over "
+              "the runs evaluated, n of them.")
+DOWNSTREAM_AGAINST = ("Δ accuracy against CLM after the same steps, ± its standard error; \"better\"/\"worse\" "
+                      "only beyond twice that (higher accuracy is better).")
+
+
+def sections(table: Table, comparisons: Sequence[matched.Comparison]) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """The report's tables after the results table, each (heading, note, header, rows), for
+    report.md and report.html alike: against CLM, by training length, downstream accuracy and
+    its difference from CLM's; only those with rows."""
+    out = []
+    if comparisons:
+        out.append(("Against CLM", AGAINST_CLM + " " + matched.NOTE, matched.HEADER,
+                    matched.rows_text(table, comparisons)))
+        header, rows = matched.length_text(matched.by_length(table, comparisons))
+        if rows:
+            out.append(("Against CLM by training length", matched.LENGTH_NOTE, header, rows))
+    header, rows = downstream_rows(table)
+    if rows:
+        out.append(("Downstream accuracy", DOWNSTREAM, header, rows))
+        header, rows = matched.downstream_text(table, comparisons)
+        if rows:
+            out.append(("Downstream accuracy against CLM", DOWNSTREAM_AGAINST, header, rows))
+    return out
 
 
 AGAINST_CLM = ("Each configuration beside CLM runs of the same setting: at the same steps, at the same "
@@ -148,11 +187,9 @@ def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tu
     parts += ["## Results", "",
               "One row per configuration: mean ± sample standard deviation over its finished runs "
               "(n of them; seeds differ). report.csv has every figure at full precision.", "",
-              markdown_table(header, rows, _aligns(header, len(table.columns))), "", FLOPS_NOTE, ""]
-    if comparisons:
-        parts += ["## Against CLM", "", AGAINST_CLM, "",
-                  markdown_table(matched.HEADER, matched.rows_text(table, comparisons), "l" + "r" * 9), "",
-                  matched.NOTE, ""]
+              markdown_table(header, rows, _aligns(header, len(table.columns) + 1)), "", FLOPS_NOTE, ""]
+    for heading, note, sub_header, sub_rows in sections(table, comparisons):
+        parts += [f"## {heading}", "", note, "", markdown_table(sub_header, sub_rows, "l" + "r" * len(sub_header)), ""]
     parts += ["## Runs", "", markdown_table(run_header, run_rows, "llllrrl"), ""]
     if figures:
         parts += ["## Plots", ""]
@@ -173,12 +210,11 @@ def html_page(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[t
     body += [html.heading("Results"),
              html.paragraph("One row per configuration: mean ± sample standard deviation over its finished "
                             "runs (n of them; seeds differ). report.csv has every figure at full precision."),
-             html.table(header, rows, _aligns(header, len(table.columns))),
+             html.table(header, rows, _aligns(header, len(table.columns) + 1)),
              html.paragraph(FLOPS_NOTE)]
-    if comparisons:
-        body += [html.heading("Against CLM"), html.paragraph(AGAINST_CLM),
-                 html.table(matched.HEADER, matched.rows_text(table, comparisons), "l" + "r" * 9),
-                 html.paragraph(matched.NOTE)]
+    for heading, note, sub_header, sub_rows in sections(table, comparisons):
+        body += [html.heading(heading), html.paragraph(note.replace("`", "")),
+                 html.table(sub_header, sub_rows, "l" + "r" * len(sub_header))]
     if figures:
         body.append(html.heading("Plots"))
         body += [html.figure(path, caption) for path, caption in figures]

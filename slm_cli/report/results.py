@@ -34,20 +34,44 @@ from slm_cli.machine import describe, machine
 from slm_cli.outputs import atomic_write
 from slm_cli.report import build
 from slm_cli.report import results_text as prose
-from slm_cli.report.matched import SIGNIFICANCE, Comparison, Point, point, verdict
-from slm_cli.report.runs import SOURCE_LOSS, find_runs, flatten
-from slm_cli.report.table import Row, keep_fraction, markdown_table, si
+from slm_cli.report.matched import (
+    LENGTH_NOTE,
+    SIGNIFICANCE,
+    Comparison,
+    Point,
+    Trend,
+    by_length,
+    delta,
+    length_text,
+    point,
+    reach_text,
+    verdict,
+)
+from slm_cli.report.runs import ACCURACY, SOURCE_LOSS, find_runs, flatten
+from slm_cli.report.table import (
+    Row,
+    accuracy_cell,
+    figures_named,
+    keep_fraction,
+    markdown_table,
+    method_name,
+    si,
+    window_keep,
+)
 from slm_cli.text import duration
 
-# part -> (its name on the page, its run folders under ROOT)
+# part -> (its name on the page, its run folders under ROOT: the first must exist, the others join
+# where they do). "lengths" is size A's comparison at every length: the main runs, lengths/L<steps>/
+# and CoCoNTs, each against CLM after as many steps.
 PARTS = {"methods_a": ("size A", ["methods/a"]), "methods_b": ("size B", ["methods/b"]),
+         "lengths": ("training length", ["lengths", "methods/a", "coconts"]),
          "rho1": ("RHO-1 mixture", ["rho1"]), "coconts": ("CoCoNTs", ["coconts", "methods/a/clm"])}
-PLOTS = {"methods_a": ["val_loss_vs_flops.png", "loss_vs_flops.png", "selection.png"],
-         "methods_b": ["val_loss_vs_flops.png"], "rho1": ["val_loss_by_source.png"],
-         "coconts": ["loss_vs_tokens.png"]}
+PLOTS = {"methods_a": ["val_loss_vs_flops.png", "loss_vs_flops.png", "val_loss_vs_seconds.png", "selection.png"],
+         "methods_b": ["val_loss_vs_flops.png"], "lengths": ["delta_vs_length.png"],
+         "rho1": ["val_loss_by_source.png"], "coconts": ["loss_vs_tokens.png"]}
 GPT2_EXPERIMENTS = ["clm_gpt2", "eslm_gpt2", "ada_eslm_gpt2", "rho1_gpt2", "coconts_gpt2"]
 GPUS = {"A100": "1 A100", "H100 SXM": "1 H100"}  # the plan's GPUs shown, and their column
-ORDER = ["clm", "random", "eslm", "eslm-entropy", "ada_eslm", "eslm-kd"]
+ORDER = ["clm", "random", "eslm", "eslm-entropy", "ada_eslm", "hier_eslm", "hier_eslm-entropy", "eslm-kd"]
 COMPARISONS = ("same_steps", "same_nominal", "same_realized")
 WIKI = f"{SOURCE_LOSS}wiki"  # the RHO-1 mixture's clean source: its validation loss
 
@@ -55,16 +79,23 @@ WIKI = f"{SOURCE_LOSS}wiki"  # the RHO-1 mixture's clean source: its validation 
 # ---- one configuration as the page reads it --------------------------------------------------------
 
 def method(config: dict[str, Any]) -> str:
-    """A run's method as the page names it, from its flat config: eslm, eslm-entropy, eslm-kd,
-    ada_eslm, random, clm, coconts, rho1."""
-    name = config.get("selection.name") or "clm"
-    if config.get("selection.score") == "entropy" and name in ("eslm", "ada_eslm"):
+    """A run's method as the page finds it (its key, not its name for a reader: that is
+    table.method_name's), from its flat config: eslm, eslm-entropy, eslm-kd, ada_eslm, hier_eslm,
+    random, clm, coconts, rho1; "-warm<N>" after a warm start of N steps, "-grid" for a baseline on
+    RHO-1's window grid (clm-grid)."""
+    strategy = name = config.get("selection.name") or "clm"
+    if config.get("selection.score") == "entropy" and name in ("eslm", "ada_eslm", "hier_eslm"):
         name += "-entropy"
     target = config.get("target.name") or ""
     if target == "kd":
         name += "-kd"
     elif target not in ("", "onehot"):
         name = target if name == "clm" else f"{name}+{target}"
+    start = config.get("trainer.selection_start_step")
+    if strategy != "clm" and isinstance(start, int) and start > 0:
+        name += f"-warm{start}"
+    if strategy != "rho1" and config.get("data.window_grid") is not None:
+        name += "-grid"
     return name
 
 
@@ -84,6 +115,11 @@ class Entry:
     @property
     def method(self) -> str:
         return method(self.config)
+
+    @property
+    def name(self) -> str:
+        """The method as a reader names it: "ESLM (entropy, keep 0.6)" (table.method_name)."""
+        return method_name(self.config).name
 
     @property
     def keep(self) -> float | None:
@@ -198,9 +234,20 @@ def claim(entry: Entry) -> str:
 
 
 def keep_text(entry: Entry) -> str:
+    """The keep as the tables write it: "0.6"; "0.5 × 0.6" for Hierarchical ESLM (windows × their
+    tokens); "adaptive" for Ada-ESLM; "all" for CLM."""
+    selection = entry.row.runs[0].config.get("selection") or {}
     if (k := entry.keep) is not None:
-        return f"{k:g}"
+        windows = window_keep(selection)
+        return f"{k:g}" if windows is None else f"{windows:g} × {k:g}"
     return "adaptive" if entry.config.get("selection.name") == "ada_eslm" else "all"
+
+
+def reach_cells(e: Entry) -> list[str]:
+    """Steps and seconds of training to CLM's final loss (matched.reach_text); "–" for CLM."""
+    if e.against is None:
+        return ["–", "–"]
+    return list(reach_text(e.against))
 
 
 # ---- the tables ------------------------------------------------------------------------------------
@@ -213,14 +260,28 @@ def main_rows(rows: Sequence[Entry], steps: float, main_keep: float) -> list[Ent
 
 def methods_table(rows: Sequence[Entry]) -> str:
     header = ["method", "keep", "n", "val loss", "Δ vs CLM, same steps", "Δ vs CLM, same nominal FLOPs",
-              "Δ vs CLM, same realised FLOPs", "saved nominal", "saved realised", "steps to CLM's loss"]
+              "Δ vs CLM, same realised FLOPs", "saved nominal", "saved realised", "steps to CLM's loss",
+              "seconds to CLM's loss"]
+    out = [[e.name, keep_text(e), f"{e.n}", e.pm("val_loss"), *(delta_cell(e.delta(name)) for name in COMPARISONS),
+            pct(e.mean("flops_saved_frac_nominal")), pct(e.mean("flops_saved_frac_realized")), *reach_cells(e)]
+           for e in rows]
+    return table(header, out)
+
+
+def downstream_table(rows: Sequence[Entry]) -> str:
+    """Accuracy per downstream task (mean ± std over seeds, n) and its Δ against CLM after the
+    same steps (± its standard error, judged beyond 2 SE; higher is better); "" without results."""
+    tasks = figures_named([e.row for e in rows], ACCURACY)
+    if not tasks:
+        return ""
+    header = ["method", *(h for t in tasks for h in (f"acc {t[len(ACCURACY):]}", "Δ vs CLM"))]
     out = []
     for e in rows:
-        reach = e.against.steps_to_clm if e.against else None
-        out.append([e.method, keep_text(e), f"{e.n}", e.pm("val_loss"),
-                    *(delta_cell(e.delta(name)) for name in COMPARISONS),
-                    pct(e.mean("flops_saved_frac_nominal")), pct(e.mean("flops_saved_frac_realized")),
-                    "–" if e.method == "clm" else ("never" if reach is None else f"{reach:.0f} of {e.steps:.0f}")])
+        cells = []
+        for task in tasks:
+            pair = e.against.accuracy(task) if e.against else None
+            cells += [accuracy_cell(e.row, task), "–" if pair is None else delta(pair[0], pair[1], higher_is_better=True)]
+        out.append([e.name, *cells])
     return table(header, out)
 
 
@@ -229,7 +290,7 @@ def sweep_table(rows: Sequence[Entry], steps: float) -> tuple[str, dict[str, flo
     found: dict[str, dict[float, Entry]] = {}
     for e in rows:
         if e.steps == steps and e.keep is not None and e.method in ("random", "eslm", "eslm-entropy"):
-            found.setdefault(e.method, {})[e.keep] = e
+            found.setdefault(method_name(e.config).series, {})[e.keep] = e
     keeps = sorted({k for by in found.values() for k in by})
     out, best = [], {}
     for name, by in found.items():
@@ -249,7 +310,7 @@ def alpha_text(entry: Entry) -> str:
 
 def runs_table(parts: dict[str, list[Entry]]) -> str:
     header = ["part", "method", "keep", "steps", "n", "selected", "alpha (mean; final)", "tokens/s", "wall"]
-    out = [[PARTS[part][0], e.method, keep_text(e), f"{e.steps:.0f}", f"{e.n}", pct(e.mean("selected_frac")),
+    out = [[PARTS[part][0], e.name, keep_text(e), f"{e.steps:.0f}", f"{e.n}", pct(e.mean("selected_frac")),
             alpha_text(e), e.pm("train_tokens_per_s", 0), f"{(e.mean('wall_s') or 0):.0f} s"]
            for part, rows in parts.items() for e in rows]
     return table(header, out, text_columns=2)
@@ -264,7 +325,8 @@ def scale_text(sizes: dict[str, list[Entry]]) -> str:
                 e = next((x for x in sizes[part] if x.method == name), None)
                 d = e.delta(comparison) if e else None
                 cells.append("–" if d is None else f"{d[0]:+.4f}")
-        out.append([name, *cells])
+        named = next((x.name for part in sizes for x in sizes[part] if x.method == name), name)
+        out.append([named, *cells])
     return ("Δ validation loss against CLM at each size, after the same steps and at the same nominal FLOPs "
             "(negative: the method is ahead). Two sizes a factor of about four apart in parameters can show a "
             "direction, not a scaling law.\n\n"
@@ -367,6 +429,8 @@ class Study:
     sizes: dict[str, list[Entry]]
     steps: float
     plots: dict[str, list[str]]
+    trends: dict[str, list[Trend]]   # per part: the configurations run at several lengths
+    keep: float                      # the main keep
 
     def find(self, part: str, name: str) -> Entry | None:
         return next((e for e in self.sizes[part] if e.method == name), None)
@@ -380,7 +444,19 @@ def study(reports: dict[str, build.Report], out_dir: Path, main_keep: float) -> 
     clm_a = [e for e in parts["methods_a"] if e.method == "clm"]
     steps = max((e.steps or 0) for e in clm_a) if clm_a else 0.0
     sizes = {part: main_rows(parts[part], steps, main_keep) for part in ("methods_a", "methods_b")}
-    return Study(parts, sizes, steps, copy_plots(reports, out_dir))
+    trends = {part: by_length(report.table, report.comparisons) for part, report in reports.items()}
+    return Study(parts, sizes, steps, copy_plots(reports, out_dir), trends, main_keep)
+
+
+def by_length_text(trends: Sequence[Trend], entry: Entry) -> str:
+    """" By training length (Δ against CLM after the same steps): 200 steps +0.51 ± 0.01 (worse),
+    1600 steps …" for a configuration run at several lengths; "" otherwise."""
+    trend = next((t for t in trends for c in t.comparisons
+                  if c.steps == entry.steps and method_name(c.row.runs[0].config).name == entry.name), None)
+    if trend is None:
+        return ""
+    cells = [f"{c.steps:.0f} steps {delta(c.loss, c.same_steps)}" for c in trend.comparisons]
+    return " By training length (Δ against CLM after the same steps): " + ", ".join(cells) + "."
 
 
 def claims(s: Study) -> list[str]:
@@ -390,23 +466,17 @@ def claims(s: Study) -> list[str]:
         eslm, rnd = s.find(part, "eslm"), s.find(part, "random")
         if not eslm:
             continue
+        trends = s.trends.get("lengths", []) if part == "methods_a" else s.trends.get(part, [])
         lines.append(f"- **ESLM: CLM's loss or better with fewer FLOPs ({PARTS[part][0]})**: "
                      + claim(eslm) + " Against random at the same keep, ESLM is "
-                     + said(diff_between(eslm, rnd) if rnd else None, "better", "worse", "no different") + ".")
-        lines += [f"  - {name}: {claim(e)}" for name in ("eslm-entropy", "ada_eslm", "eslm-kd")
-                  if (e := s.find(part, name))]
+                     + said(diff_between(eslm, rnd) if rnd else None, "better", "worse", "no different") + "."
+                     + by_length_text(trends, eslm))
+        lines += [f"  - {e.name}: {claim(e)}{by_length_text(trends, e)}" for e in s.sizes[part]
+                  if e.method not in ("clm", "eslm", "random")]
         if kd := s.find(part, "eslm-kd"):
             lines.append(f"  - ESLM-KD against ESLM (the same selection, {PARTS[part][0]}): the teacher's targets "
                          "make it " + said(diff_between(kd, eslm), "better", "worse", "no different") + ".")
-    rho = {e.method: e for e in s.parts["rho1"]}
-    if "rho1" in rho:
-        def against(other: str, figure: str = "val_loss") -> str:
-            return said(diff_between(rho["rho1"], rho.get(other), figure), "better", "worse", "no different")
-
-        lines.append("- **RHO-1 beats CLM and random on the clean target when the data is noisy**: on held-out clean "
-                     f"text (val loss wiki), RHO-1 against CLM is {against('clm', WIKI)}, against random "
-                     f"{against('random', WIKI)}. Over all three sources (noise included) it is "
-                     f"{against('clm')} than CLM: it learns the target by leaving the rest out.")
+    lines += rho1_claim(s)
     if coco := s.first("coconts", "coconts"):
         reach = coco.against.steps_to_clm if coco.against else None
         lines.append("- **CoCoNTs converges faster than CLM**: it reaches CLM's final validation loss "
@@ -415,41 +485,105 @@ def claims(s: Study) -> list[str]:
     return [*lines, ""]
 
 
+def rho1_claim(s: Study) -> list[str]:
+    """RHO-1 on the noisy mixture against CLM and random, on the clean source and overall, at the
+    main length; against CLM and random on RHO-1's window grid (clm-grid, random-grid) where the
+    part has them; and the same at each other length it ran."""
+    by_steps: dict[float, dict[str, Entry]] = {}
+    for e in s.parts["rho1"]:
+        by_steps.setdefault(e.steps, {})[e.method] = e
+    main = s.steps if "rho1" in by_steps.get(s.steps, {}) else next((n for n in sorted(by_steps)
+                                                                       if "rho1" in by_steps[n]), None)
+    if main is None:
+        return []
+
+    def between(rho: dict[str, Entry], a: str, b: str, figure: str = "val_loss") -> str:
+        return said(diff_between(rho[a], rho.get(b), figure), "better", "worse", "no different")
+
+    rho = by_steps[main]
+    lines = ["- **RHO-1 beats CLM and random on the clean target when the data is noisy**: on held-out clean "
+             f"text (val loss wiki), RHO-1 against CLM is {between(rho, 'rho1', 'clm', WIKI)}, against random "
+             f"{between(rho, 'rho1', 'random', WIKI)}. Over all three sources (noise included) it is "
+             f"{between(rho, 'rho1', 'clm')} than CLM: it learns the target by leaving the rest out."]
+    for steps in sorted(by_steps):
+        rho, said_here = by_steps[steps], []
+        if "rho1" not in rho:
+            continue
+        if steps != main:
+            said_here.append(f"RHO-1 against CLM on the clean text is {between(rho, 'rho1', 'clm', WIKI)}")
+        if "clm-grid" in rho:  # CLM on the very windows RHO-1 trains on: the window placement taken out
+            said_here.append(f"against CLM on RHO-1's window grid, on the clean text RHO-1 is "
+                             f"{between(rho, 'rho1', 'clm-grid', WIKI)}, against random on the grid "
+                             f"{between(rho, 'rho1', 'random-grid', WIKI)}; CLM on the grid against CLM is "
+                             f"{between(rho, 'clm-grid', 'clm', WIKI)}")
+        if said_here:
+            lines.append(f"  - After {steps:.0f} steps: " + "; ".join(said_here) + ".")
+    return lines
+
+
 def methods_part(s: Study) -> list[str]:
     """Part 1: every method against CLM at both sizes, the keep sweep and the trend with scale."""
     lines = ["## 1. ESLM, Ada-ESLM, ESLM-KD and random against CLM", "", prose.PART1, ""]
     for part in ("methods_a", "methods_b"):
         if s.sizes[part]:
             lines += [f"### {PARTS[part][0]}", "", methods_table(s.sizes[part]), ""]
+            lines += downstream_lines(s.sizes[part], PARTS[part][0])
             lines += images(PARTS[part][0], s.plots.get(part, []))
     sweep, best = sweep_table(s.parts["methods_a"], s.steps)
     if best:
         lines += ["### Keep sweep (size A)", "", prose.KEEP_SWEEP, "", sweep, "",
                   "Best keep by mean validation loss: " + ", ".join(f"{m} {k:g}" for m, k in best.items()) + ".", ""]
-    return [*lines, "### Trend with scale", "", scale_text(s.sizes), ""]
+    return [*lines, *length_part(s), "### Trend with scale", "", scale_text(s.sizes), ""]
+
+
+def downstream_lines(rows: Sequence[Entry], where: str) -> list[str]:
+    """The downstream table of ``rows`` with its heading line, or nothing without results."""
+    downstream = downstream_table(rows)
+    if not downstream:
+        return []
+    return [f"Downstream accuracy ({where}; `slm eval tasks=`), its Δ against CLM after the same steps judged "
+            "beyond 2 standard errors:", "", downstream, ""]
+
+
+def length_part(s: Study) -> list[str]:
+    """Size A at every training length: Δ against CLM after the same steps by length (table and
+    figure), then each longer length's methods table and downstream accuracy."""
+    header, rows = length_text(s.trends.get("lengths", []))
+    if not rows:
+        return []
+    lines = ["### Training length (size A)", "", LENGTH_NOTE, "", table(header, rows), "",
+             *images("training length", s.plots.get("lengths", []))]
+    for steps in sorted({e.steps for e in s.parts["lengths"]} - {s.steps}):
+        at = main_rows(s.parts["lengths"], steps, s.keep)
+        if at:
+            lines += [f"#### {steps:.0f} steps", "", methods_table(at), "", *downstream_lines(at, f"{steps:.0f} steps")]
+    return lines
 
 
 def other_parts(s: Study) -> list[str]:
     """Parts 2 to 4: RHO-1 on the noisy mixture, CoCoNTs, and the runs' selection and throughput."""
     lines = []
     if s.parts["rho1"]:
-        rows = [[e.method, keep_text(e), f"{e.n}", e.pm(WIKI), e.pm("val_loss"),
-                 pct(e.mean("flops_saved_frac_nominal"))] for e in s.parts["rho1"]]
+        rows = [[e.name, keep_text(e), f"{e.steps:.0f}", f"{e.n}", e.pm(WIKI), e.pm("val_loss"),
+                 pct(e.mean("flops_saved_frac_nominal"))] for e in sorted(s.parts["rho1"], key=lambda e: e.steps)]
         lines += ["## 2. RHO-1 on a noisy mixture", "", prose.PART2, "",
-                  table(["method", "keep", "n", "val loss wiki (clean, held out)", "val loss (all sources)",
+                  table(["method", "keep", "steps", "n", "val loss wiki (clean, held out)", "val loss (all sources)",
                          "saved nominal"], rows), "", *images("RHO-1", s.plots.get("rho1", []))]
     if s.first("coconts", "coconts"):
         rows = [e for e in s.parts["coconts"] if e.method in ("clm", "coconts") and e.steps == s.steps]
         lines += ["## 3. CoCoNTs against CLM", "", prose.PART3, "", methods_table(rows), "",
                   *images("CoCoNTs", s.plots.get("coconts", []))]
-    shown = {p: [e for e in rows if p != "coconts" or e.method == "coconts"] for p, rows in s.parts.items()}
+    # each run once: CoCoNTs' part without its CLM, the lengths part without the main length (size A's)
+    shown = {p: [e for e in rows if (p != "coconts" or e.method == "coconts") and (p != "lengths" or e.steps != s.steps)]
+             for p, rows in s.parts.items()}
     return [*lines, "## 4. Selected fraction, alpha and throughput", "", prose.PART4, "", runs_table(shown), ""]
 
 
 def write_reports(root: Path) -> dict[str, build.Report]:
-    """Each part's `slm report`, written into ROOT/reports/<part>/ (the parts whose run folders exist)."""
-    reports = {part: build.write(find_runs([str(root / d) for d in dirs]), root / "reports" / part)
-               for part, (_, dirs) in PARTS.items() if all((root / d).is_dir() for d in dirs)}
+    """Each part's `slm report`, written into ROOT/reports/<part>/ (the parts whose first run folder
+    exists, with those of its other folders that do)."""
+    reports = {part: build.write(find_runs([str(root / d) for d in dirs if (root / d).is_dir()]), root / "reports" / part)
+               for part, (_, dirs) in PARTS.items() if (root / dirs[0]).is_dir()}
     if not reports:
         raise SlmError(f"no runs under {root}: run scripts/reproduce_small.sh first (it writes "
                        f"{', '.join(d for _, dirs in PARTS.values() for d in dirs)} there)")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -63,8 +65,12 @@ class Run:
 
     @cached_property
     def figures(self) -> dict[str, float]:
-        """The summary's numbers by key (see :func:`summary_figures`)."""
-        return summary_figures(self.summary) if self.summary else {}
+        """The summary's numbers by key (see :func:`summary_figures`) and the downstream accuracy
+        of the final model per task (``acc:<task>``, see :func:`read_downstream`)."""
+        if not self.summary:
+            return {}
+        return {**summary_figures(self.summary),
+                **{f"{ACCURACY}{task}": acc for task, acc in read_downstream(self.dir).items()}}
 
     @property
     def tokens_per_step(self) -> float | None:
@@ -90,6 +96,9 @@ class Run:
 
 
 SOURCE_LOSS = "val_loss:"  # figure name prefix of a mixture source's validation loss
+ACCURACY = "acc:"         # figure name prefix of a downstream task's accuracy
+EVAL = "eval"             # where `slm eval tasks=` writes a run's results (slm_cli/evaluate/harness.py)
+SECONDS = "train/time"    # Lightning's ThroughputMonitor: seconds inside training, validation excluded
 
 
 def summary_figures(summary: RunSummary) -> dict[str, float]:
@@ -100,7 +109,32 @@ def summary_figures(summary: RunSummary) -> dict[str, float]:
     out.update({f"{SOURCE_LOSS}{name}": value for name, value in (summary.val_sources or {}).items()})
     if summary.train_tokens and summary.selected_tokens is not None:
         out["selected_frac"] = summary.selected_tokens / summary.train_tokens
+    if summary.train_tokens and summary.forward_tokens is not None:
+        out["forward_frac"] = summary.forward_tokens / summary.train_tokens
     return out
+
+
+def read_downstream(run_dir: Path) -> dict[str, float]:
+    """The accuracy (lm-eval's ``acc`` metric, filter ``none``) per task of a run's final model:
+    from the results `slm eval ckpt_path=<run> tasks=...` writes to ``<run>/eval/<tasks>.json``.
+    Results of another checkpoint (``<tasks>@<checkpoint>.json``) are not the run's final model
+    and are left out; a task in several files takes the newest file's value; a file that is not
+    lm-eval's results, and a task without ``acc``, give nothing."""
+    folder = run_dir / EVAL
+    if not folder.is_dir():
+        return {}
+    found: dict[str, float] = {}
+    files = sorted((p for p in folder.glob("*.json") if "@" not in p.name), key=lambda p: (p.stat().st_mtime, p.name))
+    for path in files:
+        try:
+            results = json.loads(path.read_text()).get("results")
+        except (OSError, ValueError, AttributeError):
+            continue
+        for task, entry in (results.items() if isinstance(results, dict) else ()):
+            value = entry.get("acc,none") if isinstance(entry, dict) else None
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                found[str(task)] = float(value)
+    return found
 
 
 def flat_get(config: dict[str, Any], dotted: str) -> Any:
