@@ -237,8 +237,10 @@ def quiet_lightning_logs() -> None:
         lambda record: "litlogger" not in record.getMessage())
 
 
-# Loggers whose library is an optional extra: class name -> (module, extra).
-LOGGER_EXTRAS = {"WandbLogger": ("wandb", "wandb"), "TensorBoardLogger": ("tensorboard", "tensorboard")}
+# Loggers whose library is an optional extra: class name -> (the extra, modules any one of which
+# serves; Lightning's TensorBoard logger also writes through tensorboardX).
+LOGGER_EXTRAS = {"WandbLogger": ("wandb", ("wandb",)),
+                 "TensorBoardLogger": ("tensorboard", ("tensorboard", "tensorboardX"))}
 
 
 def build_loggers(cfg: DictConfig, resume_step: int) -> list[Any] | bool:
@@ -248,9 +250,9 @@ def build_loggers(cfg: DictConfig, resume_step: int) -> list[Any] | bool:
     if not cfg.logger:
         return False
     for name, logger_cfg in cfg.logger.items():
-        module, extra = LOGGER_EXTRAS.get(str(logger_cfg._target_).rsplit(".", 1)[-1], (None, None))
-        if module is not None and importlib.util.find_spec(module) is None:
-            raise SlmError(f"logger={name} needs {module}, which is not installed: pip install 'slm[{extra}]' "
+        extra, modules = LOGGER_EXTRAS.get(str(logger_cfg._target_).rsplit(".", 1)[-1], ("", ()))
+        if modules and all(importlib.util.find_spec(m) is None for m in modules):
+            raise SlmError(f"logger={name} needs {modules[0]}, which is not installed: pip install 'slm[{extra}]' "
                            "(make install has every extra), or use logger=csv")
     return [instantiate(c, **continued(c, resume_step)) for c in cfg.logger.values()]
 
