@@ -11,6 +11,9 @@ Any loop uses the same two calls::
     with Progress(total, "eval val", "batch") as p:      # or: for b in track(batches, "scoring", "batch")
         p.update(1, tokens=n_tokens, loss=loss)
 
+A library's own loop (lm-eval, `datasets`) runs inside `with quiet_bars():`, which silences its
+tqdm bars unless they go to a terminal.
+
 `SLM_PROGRESS` picks the display: `auto` (a bar on a terminal, else lines), `bar`, `lines` or `off`.
 Training's Lightning callback (slm_cli/trainer.py) draws through this module too.
 """
@@ -189,15 +192,19 @@ def track(items: Iterable[T], desc: str, unit: str = "it", *, total: int | None 
 
 
 @contextlib.contextmanager
-def quiet_bars() -> Iterator[None]:
-    """Inside, every tqdm bar that a library opens (lm-eval's requests, `datasets`' maps) is disabled.
+def quiet_bars(stream: IO[str] | None = None) -> Iterator[None]:
+    """Inside, every tqdm bar that a library opens (lm-eval's requests, `datasets`' maps) is disabled,
+    unless progress on `stream` (stderr by default) is shown as bars, on a terminal.
 
-    For loops slm does not own, when progress is written as lines: their bars would fill a log with
-    carriage returns, and slm writes its own lines for the work that takes time. tqdm reads its
-    `disable` argument when a bar is made, and libraries pass it explicitly, so the constructor is
-    wrapped (subclasses such as tqdm.auto's and `datasets`' call it too), and restored on exit."""
+    For loops slm does not own: in a log their bars would be lines of carriage returns, and slm
+    writes its own lines for the work that takes time. tqdm reads its `disable` argument when a bar
+    is made, and libraries pass it explicitly, so the constructor is wrapped (subclasses such as
+    tqdm.auto's and `datasets`' call it too), and restored on exit."""
     from tqdm import std
 
+    if display_mode(stream or sys.stderr) == "bar":
+        yield
+        return
     original = std.tqdm.__init__
 
     def disabled(self: Any, *args: Any, **kwargs: Any) -> None:

@@ -125,18 +125,24 @@ def test_track_yields_every_item_and_counts_them(clock: Clock, monkeypatch: pyte
     assert capsys.readouterr().err.startswith("letters  letter 2  ")
 
 
-def test_quiet_bars_silences_a_library_bar_that_asks_to_be_shown() -> None:
+def test_quiet_bars_silences_a_library_bar_in_a_log(monkeypatch: pytest.MonkeyPatch) -> None:
     from tqdm import tqdm
     from tqdm.auto import tqdm as auto_tqdm
 
+    monkeypatch.delenv(progress.MODE_VAR, raising=False)
     out = io.StringIO()
-    with quiet_bars():
+    with quiet_bars(io.StringIO()):  # progress goes to a log: library bars are silenced
         for cls in (tqdm, auto_tqdm):
             for _ in cls(range(3), disable=False, file=out):
                 pass
     assert out.getvalue() == ""
     for _ in tqdm(range(3), file=out):  # restored on exit
         pass
+    assert "3/3" in out.getvalue()
+    out = io.StringIO()
+    with quiet_bars(Terminal()):  # on a terminal they stay
+        for _ in tqdm(range(3), file=out):
+            pass
     assert "3/3" in out.getvalue()
 
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from slm_cli.errors import SlmError
 from slm_cli.evaluate.local_tasks import local_task_names, tasks_dir
 from slm_cli.model.load import checkpoint_file
 from slm_cli.outputs import load_checkpoint, write_json
-from slm_cli.progress import display_mode, quiet_bars
+from slm_cli.progress import quiet_bars
 
 INSTALL = "pip install 'slm[eval]'"
 # 0.4.12 is the first release whose task YAMLs may name an importable `!function` and whose tasks
@@ -208,8 +207,7 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, Any]:
     ckpt = load_checkpoint(ckpt_file)
     # Off a terminal, lm-eval's and `datasets`' bars (a hundred carriage returns per line of a log)
     # are silenced; slm's model writes plain progress lines for the scoring, the part that takes time.
-    bars = contextlib.nullcontext() if display_mode(sys.stderr) == "bar" else quiet_bars()
-    with _offline(local), _quiet_git(), bars:
+    with _offline(local), _quiet_git(), quiet_bars():
         try:
             loaded = manager.load(names)["tasks"]
         except Exception as exc:
