@@ -16,7 +16,6 @@ from benchmarks.common import (
     corpus_overrides,
     table,
     timing_setup,
-    trainer_callbacks,
 )
 
 if TYPE_CHECKING:
@@ -132,8 +131,7 @@ def _paired_round(overrides: list[str], run_dir: Path, plain_first: bool) -> L.C
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run dir per round (and no stale logs)
     cfg = compose_train([*overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
     clock = _interleaved_clock(PlainLoop(cfg), plain_first)
-    with trainer_callbacks(lambda: [clock]):
-        slm_run.train(cfg)
+    slm_run.train(cfg, callbacks=[clock])
     return clock
 
 

@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,27 +115,6 @@ def run_child(name: str, **kwargs: Any) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@contextlib.contextmanager
-def trainer_callbacks(callbacks: Callable[[], list[L.Callback]]) -> Iterator[None]:
-    """While inside, every Trainer that `slm_cli.run.train(cfg)` builds gets ``callbacks()`` (the
-    benchmark's clocks) first in its callback list; nothing else about the real training path changes."""
-    import slm_cli.run as slm_run
-
-    real_build = slm_run.build_trainer
-
-    def build_trainer(*args: Any, **kwargs: Any) -> L.Trainer:
-        trainer = real_build(*args, **kwargs)
-        for cb in reversed(callbacks()):
-            trainer.callbacks.insert(0, cb)
-        return trainer
-
-    slm_run.build_trainer = build_trainer
-    try:
-        yield
-    finally:
-        slm_run.build_trainer = real_build
-
-
 # ---- several `train()` runs taking turns step by step (selection_step, target_step) --------------
 class Baton:
     """Lets one of several `train()` threads run at a time, taking turns in a fixed cyclic order.
@@ -205,9 +184,6 @@ def iteration_clock(baton: Baton | None = None, label: str = "") -> L.Callback:
     return Clock()
 
 
-_THREAD_CALLBACKS: dict[int, list] = {}  # thread id -> callbacks for the Trainer that thread builds
-
-
 def interleaved_trains(jobs: list[tuple[str, list[str], Path]], threads: int) -> dict[str, tuple[Any, dict]]:
     """Run `slm_cli.run.train(cfg)` for every (label, overrides, run_dir) at once, one thread each,
     taking turns step by step in the order of ``jobs``: step i of every variant, then step i+1...
@@ -230,25 +206,19 @@ def interleaved_trains(jobs: list[tuple[str, list[str], Path]], threads: int) ->
     def run(label: str, run_dir: Path) -> None:
         try:
             torch.set_num_threads(threads)
-            _THREAD_CALLBACKS[threading.get_ident()] = [clocks[label]]
             baton.wait(label)
-            slm_run.train(cfgs[label])
+            slm_run.train(cfgs[label], callbacks=[clocks[label]])
             summaries[label] = json.loads((run_dir / "summary.json").read_text())
         except BaseException as e:  # noqa: BLE001 - reported by the main thread
             baton.fail(e)
         finally:
             baton.pass_on(done=label)
 
-    try:
-        with trainer_callbacks(lambda: _THREAD_CALLBACKS.get(threading.get_ident(), [])):
-            workers = [threading.Thread(target=run, args=(label, run_dir), name=f"bench-{label}")
-                       for label, _, run_dir in jobs]
-            for t in workers:
-                t.start()
-            for t in workers:
-                t.join()
-    finally:
-        _THREAD_CALLBACKS.clear()
+    workers = [threading.Thread(target=run, args=(label, run_dir), name=f"bench-{label}") for label, _, run_dir in jobs]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join()
     if baton.error is not None:
         raise baton.error
     return {label: (clocks[label], summaries[label]) for label, _, _ in jobs}

@@ -21,7 +21,6 @@ from benchmarks.common import (
     compose_train,
     corpus_overrides,
     table,
-    trainer_callbacks,
 )
 
 FULL = {"batch_size": 8, "warmup": 3, "compiled_warmup": 8, "steps": 10}
@@ -87,8 +86,7 @@ def gpu(quick: bool) -> dict[str, Any]:
                              f"trainer.checkpoint_every_n_steps={10**9}", "trainer.enable_progress_bar=false",
                              *overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
         clock = _clock()
-        with trainer_callbacks(lambda clock=clock: [clock]):
-            summary = train(cfg)
+        summary = train(cfg, callbacks=[clock])
         timed = clock.iters[warmup:]
         step_s = statistics.median(timed)
         flops_per_step = summary["flops_realized"] / summary["steps"]

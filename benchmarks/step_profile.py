@@ -17,7 +17,6 @@ from benchmarks.common import (
     prepared_corpus,
     table,
     timing_setup,
-    trainer_callbacks,
 )
 from benchmarks.selection_step import SEL_FULL, SEL_QUICK
 
@@ -100,8 +99,7 @@ def _profile_run(label: str, overrides: list[str], n_steps: int, warmup: int) ->
     cfg = compose_train([*overrides, f"paths.output_dir={run_dir}", f"paths.log_dir={run_dir.parent}"])
     shutil.rmtree(run_dir, ignore_errors=True)
     cb = Profiler()
-    with trainer_callbacks(lambda: [cb]):
-        train(cfg)
+    train(cfg, callbacks=[cb])
     shutil.rmtree(run_dir, ignore_errors=True)
     steps = len(cb.walls)
     ms = dict.fromkeys(CLASSES, 0.0)

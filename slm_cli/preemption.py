@@ -6,7 +6,7 @@ signal: USR2 to every task under hydra/launcher=slurm (submitit's `--signal=USR2
 USR1 to the batch shell of scripts/submit_slurm.sh, which passes it on to the tasks. On any of
 these three signals, `Preemption` saves `checkpoints/last.ckpt` at the end of the step in progress
 and stops training there, so nothing is lost: the requeued job resumes from that very step
-(docs/scaling.md). Without it a requeued job went back to the last periodic checkpoint.
+(docs/scaling.md), not from the last periodic checkpoint, which may be many steps behind.
 
 Requeueing stays with its one owner (docs/scaling.md): this module never requeues. After the save
 it hands the signal to the handler the process had before training (submitit's, under the

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def setup(
-    cfg: DictConfig, run_dir: Path, ckpt_path: str | None
+    cfg: DictConfig, run_dir: Path, ckpt_path: str | None, callbacks: Sequence[L.Callback] = ()
 ) -> tuple[L.Trainer, SLMModule, SLMDataModule, Selection, PreparedData]:
     """Check everything that can be checked before training starts, and build the pieces."""
     budget = resolve_config(cfg)
@@ -151,7 +152,7 @@ def setup(
         val_batches=cfg.trainer.limit_val_batches, token_arrays=token_arrays,
         window_grid=window_grid(selection, cfg.data.get("window_grid"), gpt.block_size),
     )
-    trainer = build_trainer(cfg, run_dir, resume_step=resume_step)
+    trainer = build_trainer(cfg, run_dir, resume_step=resume_step, callbacks=callbacks)
     return trainer, module, datamodule, selection, prepared
 
 
@@ -186,12 +187,12 @@ def discard_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
     ckpt_path = resume_path(cfg, run_dir)
     try:
-        trainer, module, datamodule, selection, prepared = setup(cfg, run_dir, ckpt_path)
+        trainer, module, datamodule, selection, prepared = setup(cfg, run_dir, ckpt_path, callbacks)
     except SlmError:
         discard_unstarted(run_dir)
         raise

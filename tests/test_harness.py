@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -153,6 +154,19 @@ def test_a_task_yaml_elsewhere_and_greedy_accuracy(evaluated: tuple[subprocess.C
     _, record = evaluated
     assert record["n-samples"]["next_token"]["effective"] == next_token_task[1]
     assert record["results"]["next_token"]["acc,none"] == 0.5
+
+
+def test_progress_in_a_log_is_plain_lines(evaluated: tuple[subprocess.CompletedProcess, dict]) -> None:
+    """Output to pipes, as in a SLURM log: lm-eval's and `datasets`' bars stay silent (no carriage
+    return) and slm's model writes plain lines, at most one per 30 s of a loop and one as it ends."""
+    proc, _ = evaluated
+    assert "\r" not in proc.stdout + proc.stderr
+    lines = [text for text in proc.stderr.splitlines() if text.startswith("slm loglikelihood")]
+    closing = [m for m in (re.fullmatch(r"slm loglikelihood  batch (\d+)/\1  100%  [\d.]+ batch/s  "
+                                        r"elapsed ([\d.]+) (s|min)  done", text) for text in lines) if m]
+    assert closing
+    seconds = sum(float(m.group(2)) * (60 if m.group(3) == "min" else 1) for m in closing)
+    assert len(lines) <= len(closing) + seconds // 30
 
 
 def test_results_path(tmp_path: Path) -> None:

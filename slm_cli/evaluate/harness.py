@@ -28,6 +28,7 @@ from slm_cli.errors import SlmError
 from slm_cli.evaluate.local_tasks import local_task_names, tasks_dir
 from slm_cli.model.load import checkpoint_file
 from slm_cli.outputs import load_checkpoint, write_json
+from slm_cli.progress import quiet_bars
 
 INSTALL = "pip install 'slm[eval]'"
 # 0.4.12 is the first release whose task YAMLs may name an importable `!function` and whose tasks
@@ -204,7 +205,9 @@ def evaluate_tasks(cfg: DictConfig) -> dict[str, Any]:
         handler.addFilter(_not_custom_dataset_advice)  # a filter is added once, however often this runs
     manager, local = _task_manager(names)
     ckpt = load_checkpoint(ckpt_file)
-    with _offline(local), _quiet_git():
+    # Off a terminal, lm-eval's and `datasets`' bars (a hundred carriage returns per line of a log)
+    # are silenced; slm's model writes plain progress lines for the scoring, the part that takes time.
+    with _offline(local), _quiet_git(), quiet_bars():
         try:
             loaded = manager.load(names)["tasks"]
         except Exception as exc:

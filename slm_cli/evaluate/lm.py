@@ -19,7 +19,6 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from slm_cli.data.tokenizer import eos_id
 from slm_cli.errors import SlmError
@@ -27,6 +26,7 @@ from slm_cli.model.generate import generate
 from slm_cli.model.gpt import GPT
 from slm_cli.model.load import checkpoint_file, load_model
 from slm_cli.outputs import load_checkpoint
+from slm_cli.progress import track
 
 
 def from_checkpoint(ckpt: dict[str, Any]) -> tuple[GPT, Tokenizer, str | None]:
@@ -117,7 +117,7 @@ class SlmLM(TemplateLM):
         # Longest first, as lm-eval's models do: batches of similar lengths, and the largest batch first,
         # so running out of memory shows at once.
         pieces.sort(key=lambda piece: -len(piece[1]))
-        for start in tqdm(range(0, len(pieces), self.batch_size), disable=disable_tqdm, desc="slm loglikelihood"):
+        for start in track(range(0, len(pieces), self.batch_size), "slm loglikelihood", "batch", disable=disable_tqdm):
             batch = pieces[start: start + self.batch_size]
             log_probs = self._log_probs([row for _, row, _, _ in batch], [n for _, _, n, _ in batch])
             for (r, _, _, scored), lp in zip(batch, log_probs, strict=True):
@@ -133,7 +133,7 @@ class SlmLM(TemplateLM):
         """log p(text) of whole documents, in disjoint windows of ``block_size`` tokens, the first
         conditioned on the end-of-text token (lm-eval's rolling windows, as its HF model)."""
         results = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="slm loglikelihood_rolling"):
+        for request in track(requests, "slm loglikelihood_rolling", "document", disable=disable_tqdm):
             (text,) = request.args
             windows = [(None, *lm_utils.make_disjoint_window(pair)) for pair in lm_utils.get_rolling_token_windows(
                 token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
@@ -148,7 +148,7 @@ class SlmLM(TemplateLM):
         """Greedy decoding (sampling settings are ignored) until a stop string, the end-of-text token
         or ``max_gen_toks`` new tokens; the context keeps its last ``block_size`` tokens."""
         outputs = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="slm generate_until"):
+        for request in track(requests, "slm generate_until", "request", disable=disable_tqdm):
             context, kwargs = request.args
             until = kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
