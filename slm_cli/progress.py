@@ -144,7 +144,7 @@ class Progress:
         elif self.mode == "lines":
             now = time.perf_counter()
             if now - self._last_line >= self.every:
-                self._write(final=False, now=now)
+                self._write(final=self.total is not None and self.n >= self.total, now=now)
 
     def set(self, **fields: Any) -> None:
         """Show these fields from now on, without advancing (e.g. a validation's loss once it is known)."""

@@ -17,7 +17,7 @@ import pytest
 from slm_cli import progress
 from slm_cli.errors import SlmError
 from slm_cli.progress import Progress, line, quiet_bars, track
-from tests.helpers import TINY_DATA, TINY_MODEL, ok
+from tests.helpers import TINY_DATA, TINY_MODEL, ok, slm
 
 
 class Terminal(io.StringIO):
@@ -240,3 +240,34 @@ def test_a_logger_without_its_extra_names_it(logger: str, module: str, tmp_path:
     with pytest.raises(SlmError, match=re.escape(f"logger={logger} needs {module}, which is not installed: "
                                                  f"pip install 'slm[{logger}]'")):
         build_trainer(compose_train(f"paths.output_dir={tmp_path}", f"logger={logger}"), tmp_path)
+
+
+def test_preparation_scoring_ngrams_and_evaluation_in_a_log_are_plain_lines(
+        checkpointed_run: Path, tiny_data: Path, tmp_path: Path) -> None:
+    """`slm prepare`, `slm ngram`, `slm score` and `slm eval` to pipes, a line per update
+    (SLM_PROGRESS_EVERY=0): no carriage return, and each loop's last line reaches its total."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"document {i}: the quick brown fox jumps over the lazy dog.\n\n" for i in range(300)))
+    env = {progress.MODE_VAR: "auto", progress.EVERY_VAR: "0"}
+    ckpt = checkpointed_run / "checkpoints" / "last.ckpt"
+    runs = {
+        "tokenising": ("prepare", "data=text", f"data.path={corpus}", "data.vocab_size=300",
+                       f"paths.data_dir={tmp_path / 'text'}"),
+        "counting 2-grams": ("ngram", f"paths.data_dir={data}", *TINY_DATA, "ngram.n=2", "ngram.r=2"),
+        "scoring": ("score", f"paths.data_dir={data}", *TINY_DATA, f"ckpt_path={ckpt}"),
+        "eval val": ("eval", f"ckpt_path={checkpointed_run}", "max_batches=3"),
+    }
+    for desc, args in runs.items():
+        proc = ok(slm(*args, cwd=tmp_path, env=env))
+        assert "\r" not in proc.stdout + proc.stderr, desc
+        lines = [t for t in proc.stderr.splitlines() if t.startswith(desc)]
+        assert lines, f"{desc}: no progress line in\n{proc.stderr[-2000:]}"
+        counts = [re.search(r"  \w+ ([\d,]+)/([\d,]+)  (\d+)%", t) for t in lines]
+        assert all(counts), lines
+        done = [int(m.group(1).replace(",", "")) for m in counts]
+        total = int(counts[-1].group(2).replace(",", ""))
+        assert done == sorted(done) and done[-1] == total and lines[-1].endswith("done"), lines

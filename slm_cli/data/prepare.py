@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from slm_cli.config import check_data
 from slm_cli.data.mixture import prepare_mixture
@@ -48,6 +47,7 @@ from slm_cli.data.sources import (
     text_batches,
 )
 from slm_cli.data.tokenizer import eos_id, load_tokenizer, tokenizer_sha256, train_bpe
+from slm_cli.progress import Progress
 
 # Below this many documents a document-level split is too coarse; split the token stream instead.
 MIN_DOCS_FOR_DOC_SPLIT = 20
@@ -125,14 +125,14 @@ def _encoded(docs: Any, tok: Tokenizer, eos: int, threads: int) -> Iterator[tupl
 
     pending: collections.deque = collections.deque()
     with _serial_tokenizers(), ThreadPoolExecutor(threads) as pool, \
-            tqdm(total=len(docs), desc="tokenising", unit="doc") as bar:
+            Progress(len(docs), "tokenising", "doc") as progress:
         for texts in itertools.chain(text_batches(docs, BATCH_DOCS), [None]):
             if texts is not None:
                 pending.append(pool.submit(encode, texts))
             while pending and (len(pending) > threads or texts is None):
                 stream, lengths = _flatten(pending.popleft().result(), eos)
                 yield stream, lengths
-                bar.update(len(lengths))
+                progress.update(len(lengths), tokens=len(stream))
 
 
 def _val_documents(n_docs: int, val_fraction: float) -> np.ndarray | None:

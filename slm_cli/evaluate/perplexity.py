@@ -8,11 +8,11 @@ given a Hugging Face folder, conf/eval.yaml's data.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from slm_cli.data.prepare import prepare
 from slm_cli.data.windows import ValWindows
@@ -20,6 +20,7 @@ from slm_cli.errors import SlmError
 from slm_cli.loss import model_token_stats, perplexity
 from slm_cli.model.load import load_gpt
 from slm_cli.outputs import write_json
+from slm_cli.progress import Progress
 from slm_cli.run_settings import describe_data, follow, run_config, whose
 
 
@@ -37,10 +38,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     limit = None if cfg.max_batches is None else cfg.max_batches * cfg.data.batch_size
     windows = ValWindows(prepared.tokens(cfg.split), model.config.block_size, max_windows=limit)
     loss_sum, count = 0.0, 0
-    for batch in tqdm(DataLoader(windows, batch_size=cfg.data.batch_size), desc=f"eval {cfg.split}"):
-        loss = model_token_stats(model, batch["input_ids"], batch["labels"]).loss
-        loss_sum += loss.double().sum().item()
-        count += loss.numel()
+    with Progress(math.ceil(len(windows) / cfg.data.batch_size), f"eval {cfg.split}", "batch") as progress:
+        for batch in DataLoader(windows, batch_size=cfg.data.batch_size):
+            loss = model_token_stats(model, batch["input_ids"], batch["labels"]).loss
+            loss_sum += loss.double().sum().item()
+            count += loss.numel()
+            progress.update(1, tokens=loss.numel(), loss=loss_sum / count)
     loss = loss_sum / count
     result = {"checkpoint": spec, "data": str(prepared.dir), "split": cfg.split,
               "tokens": count, "loss": loss, "ppl": perplexity(loss)}

@@ -43,13 +43,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm import tqdm
 
 from slm_cli.config import is_int
 from slm_cli.data.prepared import check_same_corpus, token_dtype
 from slm_cli.data.sidecar import META, exclusive, load_array, read_meta, staged
 from slm_cli.errors import SlmError
 from slm_cli.ngram.keys import bits_per_token, check_key_width, pack, pack_context
+from slm_cli.progress import track
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -100,7 +100,7 @@ def count_ngrams(tokens: np.ndarray, n: int, bits: int, *, chunk_tokens: int = D
     runs: list[tuple[np.ndarray, np.ndarray]] = []
     starts = range(n - 1, total, chunk_tokens)
     desc = f"counting {n}-grams" + (f" (shard {shard[0] + 1}/{shard[1]})" if shard[1] > 1 else "")
-    for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress):
+    for start in track(starts, desc, "chunk", disable=not progress):
         keys = pack(tokens, start, min(start + chunk_tokens, total), n, bits)
         if shard[1] > 1:
             keys = keys[shard_of(keys >> np.uint64(bits), shard[1]) == shard[0]]
@@ -240,7 +240,7 @@ def _scatter(tokens: np.ndarray, n: int, bits: int, contexts: np.ndarray, table_
     total = len(tokens)
     starts = range(n - 1, total, chunk_tokens)
     desc = f"writing top-{table_ids.shape[1]} rows" + (f" (shard {shard[0] + 1}/{shard[1]})" if shard[1] > 1 else "")
-    for start in tqdm(starts, desc=desc, unit="chunk", disable=not progress):
+    for start in track(starts, desc, "chunk", disable=not progress):
         stop = min(start + chunk_tokens, total)
         context = pack_context(tokens, start, stop, n, bits)
         where = np.flatnonzero(shard_of(context, shard[1]) == shard[0]) if shard[1] > 1 else None

@@ -27,13 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from slm_cli.config import positive_int_or_null
 from slm_cli.data.prepared import check_same_corpus
 from slm_cli.data.sidecar import META, load_array, read_meta, staged
 from slm_cli.errors import SlmError
 from slm_cli.outputs import RUN_DIR_CHECKPOINT
+from slm_cli.progress import track
 from slm_cli.text import slug
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ def score_stream(
     first_new = np.concatenate([[1], ends[:-1] + 1])  # first label position each window scores
     offsets = np.arange(context + 1, dtype=np.int64)
     batches = range(0, len(starts), batch_size)
-    for b in tqdm(batches, desc=f"scoring {n:,} tokens", unit="batch", disable=not progress):
+    for b in track(batches, f"scoring {n:,} tokens", "batch", disable=not progress):
         pos = starts[b : b + batch_size, None] + offsets
         window = torch.from_numpy(np.asarray(tokens[pos]).astype(np.int64))
         if int(window.max()) >= ref.vocab_size:
