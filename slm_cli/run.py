@@ -55,20 +55,25 @@ def gpt_config(cfg: DictConfig, vocab_size: int) -> GPTConfig:
     return instantiate(settings, vocab_size=vocab_size)
 
 
-def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, path: str) -> None:
-    """A checkpoint resumes only with the model and tokenizer it was trained with."""
+def check_resume(ckpt: dict[str, Any], gpt: GPTConfig, prepared: PreparedData, key: str, spec: str) -> None:
+    """A checkpoint resumes only with the model and tokenizer it was trained with. ``key=spec`` is
+    the setting that chose it: ``ckpt_path``, or ``hydra.run.dir`` when the run dir's own
+    last.ckpt resumes (:func:`resume_path`); the errors name that setting and its fix."""
     from dataclasses import asdict
 
     from slm_cli.model.load import TokenizerId, check_tokenizer
 
+    fix = ("start a new run without ckpt_path" if key == "ckpt_path" else
+           f"start a new run in another {key} (this one holds checkpoints/last.ckpt, which resumes)")
     saved = ckpt["slm"]["model"]
     diff = {k: (saved.get(k), v) for k, v in asdict(gpt).items() if saved.get(k) != v}
     if diff:
         pairs = ", ".join(f"model.{k}={new} (checkpoint: {old})" for k, (old, new) in diff.items())
-        raise SlmError(f"ckpt_path={path} does not match this model: {pairs}: pass the checkpoint's model "
-                       "settings, or start a new run without ckpt_path")
-    check_tokenizer(TokenizerId.of_json(ckpt["slm"]["tokenizer_json"], f"ckpt_path={path}"),
-                    TokenizerId.of_data(prepared), key="ckpt_path", spec=path)
+        raise SlmError(f"{key}={spec} holds a checkpoint that does not match this model: {pairs}: pass the "
+                       f"checkpoint's model settings, or {fix}")
+    check_tokenizer(TokenizerId.of_json(ckpt["slm"]["tokenizer_json"], f"{key}={spec}"),
+                    TokenizerId.of_data(prepared), key=key, spec=spec,
+                    fix=f"prepare the data with data.tokenizer={spec}" if key == "ckpt_path" else fix)
 
 
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -120,14 +125,15 @@ def setup(
     # Memory first, from the configured vocabulary: a run that cannot fit stops before preparing data.
     gpt = gpt_config(cfg, estimate.vocab_size(cfg)[0])
     estimate.check_fits(estimate.make(cfg, gpt, budget, selection, target), cfg)
-    resume = load_checkpoint(ckpt_path, tensors=False) if ckpt_path else None
+    resume_key, resume_spec = ("ckpt_path", str(ckpt_path)) if cfg.ckpt_path else ("hydra.run.dir", str(run_dir))
+    resume = load_checkpoint(ckpt_path, tensors=False, key=resume_key) if ckpt_path else None
     prepared = prepare(cfg.data, cfg.paths)
     gpt = model_config(cfg, prepared)
     for split in ("train", "val"):
         check_length(prepared.meta[f"{split}_tokens"], gpt.block_size, f"the {split} split of {prepared.dir}")
     resume_step = 0
     if resume is not None:
-        check_resume(resume, gpt, prepared, ckpt_path)
+        check_resume(resume, gpt, prepared, resume_key, resume_spec)
         resume_step = int(resume.get("global_step", 0))
     del resume
 

@@ -184,3 +184,25 @@ def test_errors_name_the_setting_the_user_gave(command: str, args: list[str], ke
     line = fails(proc, *named)
     for other in set(MODEL_KEYS) - {key}:
         assert not re.search(rf"(?<![\w.]){re.escape(other)}=", line), (other, line)
+
+
+def test_a_run_dir_that_resumes_itself_is_named_not_ckpt_path(tiny_data: Path, checkpointed_run: Path,
+                                                                tmp_path: Path) -> None:
+    """Without ckpt_path, a run dir holding checkpoints/last.ckpt resumes from it. A model that does
+    not match that checkpoint is refused naming hydra.run.dir (what the user gave) and the fix of
+    another run dir, not ckpt_path; a corrupt last.ckpt likewise. The run dir is left as it was."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpointed_run, run)
+    before = sorted(p.relative_to(run) for p in run.rglob("*") if ".hydra" not in p.parts)
+    proc = slm("train", f"hydra.run.dir={run}", f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET,
+               "model.n_layer=3", "trainer.max_steps=30", cwd=tmp_path)
+    line = fails(proc, f"hydra.run.dir={run}", "model.n_layer=3 (checkpoint: 2)", "another hydra.run.dir")
+    assert "ckpt_path" not in line
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"not a checkpoint")
+    proc = slm("train", f"hydra.run.dir={run}", f"paths.data_dir={tiny_data}", *TINY_DATA, *TINY_MODEL, *QUIET,
+               "trainer.max_steps=30", cwd=tmp_path)
+    line = fails(proc, "hydra.run.dir: checkpoint", "is corrupt")
+    assert "ckpt_path" not in line
+    assert sorted(p.relative_to(run) for p in run.rglob("*") if ".hydra" not in p.parts) == before

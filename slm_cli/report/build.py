@@ -175,12 +175,18 @@ AGAINST_CLM = ("Each configuration beside CLM runs of the same setting: at the s
                "against_clm.csv has the figures at full precision.")
 
 
-def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]],
-             comparisons: Sequence[matched.Comparison] = ()) -> str:
+def _page_parts(table: Table, runs: Sequence[Run], base: Path) -> tuple[str, str, tuple[list[str], list[list[str]]],
+                                                                   tuple[list[str], list[list[str]]]]:
+    """What report.md and report.html both show: the intro line, the fixed settings, the results
+    table and the runs table (header and rows each), configurations named the same way."""
     name = _namer(base)
     line, fixed = _intro(table, runs, base)
-    header, rows = results_rows(table, name)
-    run_header, run_rows = runs_rows(table, name)
+    return line, fixed, results_rows(table, name), runs_rows(table, name)
+
+
+def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]],
+             comparisons: Sequence[matched.Comparison] = ()) -> str:
+    line, fixed, (header, rows), (run_header, run_rows) = _page_parts(table, runs, base)
     parts = ["# slm report", "", line, ""]
     if fixed:
         parts += [fixed, ""]
@@ -200,10 +206,7 @@ def markdown(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tu
 
 def html_page(table: Table, runs: Sequence[Run], base: Path, figures: Sequence[tuple[Path, str]],
               comparisons: Sequence[matched.Comparison] = ()) -> str:
-    name = _namer(base)
-    line, fixed = _intro(table, runs, base)
-    header, rows = results_rows(table, name)
-    run_header, run_rows = runs_rows(table, name)
+    line, fixed, (header, rows), (run_header, run_rows) = _page_parts(table, runs, base)
     body = [html.paragraph(line.replace("`", ""), "meta")]
     if fixed:
         body.append(html.paragraph(fixed, "meta"))
