@@ -70,6 +70,28 @@ def test_eval_follows_the_run(text_run: Path, tmp_path: Path) -> None:
     assert eval_loss(out) == pytest.approx(loss.mean(), abs=1e-4)
 
 
+def test_eval_reports_where_the_losses_lie(text_run: Path, tmp_path: Path) -> None:
+    """`slm eval out=...`: the per-token losses' quantiles and the share below ln 2, against a
+    float64 forward over the same windows and numpy's sorted-order definition of a quantile."""
+    summary = json.loads((text_run / "summary.json").read_text())
+    out = tmp_path / "eval.json"
+    stdout = ok(slm("eval", f"ckpt_path={text_run}", "max_batches=4", f"out={out}", cwd=tmp_path)).stdout
+    result = json.loads(out.read_text())
+    loss, _ = float64_token_stats(text_run / "checkpoints" / "last.ckpt", *val_windows(Path(summary["data"]), 16))
+    loss = np.sort(np.asarray(loss, dtype=np.float64).ravel())
+    assert result["tokens"] == loss.size
+    for q, value in result["loss_quantiles"].items():
+        position = float(q) * (loss.size - 1)  # linear interpolation between the two order statistics
+        low = int(np.floor(position))
+        high = min(low + 1, loss.size - 1)
+        expect = loss[low] + (position - low) * (loss[high] - loss[low])
+        assert value == pytest.approx(expect, abs=1e-4), q
+    easy = np.count_nonzero(loss < np.log(2)) / loss.size
+    near = np.count_nonzero(np.abs(loss - np.log(2)) < 1e-4) / loss.size  # float32 may fall either side
+    assert abs(result["easy_frac"] - easy) <= near
+    assert f"p50 {result['loss_quantiles']['0.5']:.3f}" in stdout and f"below ln 2 {easy:.2%}" in stdout
+
+
 def test_eval_command_line_data_wins(text_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     out = ok(slm("eval", f"ckpt_path={text_run}", "data=stdlib", "data.max_bytes=20000", f"paths.data_dir={other}",
