@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # GPT-2's vocabulary (50304 = 50257 padded to a multiple of 64) on a small trunk, so the LM head is
 # most of the step: what token selection can save is the head's backward on the dropped rows.
 SEL_FULL = {"n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 256, "batch_size": 4, "accumulate": 4,
-            "vocab_size": 50304, "rounds": 3, "steps": 5, "warmup": 2, "optional": True}
+            "vocab_size": 50304, "rounds": 5, "steps": 8, "warmup": 2, "optional": True}
 SEL_QUICK = {"n_layer": 2, "n_head": 2, "n_embd": 128, "block_size": 128, "batch_size": 2, "accumulate": 3,
              "vocab_size": 50304, "rounds": 2, "steps": 3, "warmup": 1, "optional": False}
 EFFICIENCY_GOAL = 0.85  # time saved / realised FLOPs saved

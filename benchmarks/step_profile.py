@@ -125,7 +125,7 @@ def step_profile(quick: bool) -> dict[str, Any]:
     n_steps = warmup + profiled
     model = [f"model.{k}={p[k]}" for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")]
     base = [*data, "model=gpt2-nano", "model.name=bench-profile", *model, f"data.batch_size={p['batch_size']}",
-            "seed=1337", f"trainer.max_steps={n_steps}", f"trainer.val_check_interval={n_steps}",
+            f"trainer.accumulate_grad_batches={p['accumulate']}", "seed=1337", f"trainer.max_steps={n_steps}", f"trainer.val_check_interval={n_steps}",
             "trainer.limit_val_batches=1", f"trainer.checkpoint_every_n_steps={10**9}",
             "trainer.enable_progress_bar=false", "logger=csv"]
     gpt = GPTConfig(**{k: p[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size")})
@@ -134,7 +134,7 @@ def step_profile(quick: bool) -> dict[str, Any]:
     flops_share = {"head forward: logits matmul": head / F, "head backward: gradient matmuls": 2 * head / F,
                    "trunk: matmuls": (F - 3 * head) / F}
     print(f"corpus: {corpus}; model: L={p['n_layer']} d={p['n_embd']} T={p['block_size']}, head vocab "
-          f"{gpt.padded_vocab}, B={p['batch_size']}; torch threads {threads}; {rounds} rounds, one run per variant "
+          f"{gpt.padded_vocab}, {p['accumulate']} micro-batches of B={p['batch_size']} per step; torch threads {threads}; {rounds} rounds, one run per variant "
           f"per round (order rotated), torch.profiler over {profiled} steps after {warmup} warmup; medians over rounds")
     per_round: dict[str, list[dict[str, Any]]] = {label: [] for label, _, _ in VARIANTS}
     for r in range(rounds):
@@ -174,7 +174,7 @@ def step_profile(quick: bool) -> dict[str, Any]:
           "'not in an op' = the step's wall time minus the ops'; MB allocated: new tensors per step (each fresh "
           "block is faulted in, zeroed, on its first write on a CPU)")
     return {"quick": quick, **{k: p[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size",
-                                                 "vocab_size")},
+                                                 "accumulate", "vocab_size")},
             "rounds": rounds, "profiled_steps": profiled, "warmup_steps": warmup, "flops_share": flops_share,
             "runs": runs, "shrinking_time_share": shrinking, "time_over_flops_ceiling": ceiling}
 
