@@ -34,6 +34,7 @@ from slm_cli.module import SLMModule
 from slm_cli.outputs import load_checkpoint, write_json
 from slm_cli.selection.base import Selection
 from slm_cli.summary import RunSummary
+from slm_cli.summary import read as read_summary
 from slm_cli.target.base import Target
 from slm_cli.trainer import build_trainer, finish_loggers
 
@@ -84,10 +85,7 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     if cfg.ckpt_path:
         return str(cfg.ckpt_path)
     last = run_dir / "checkpoints" / "last.ckpt"
-    if last.exists():
-        log.info(f"resuming from {last} (this run dir's own checkpoint)")
-        return str(last)
-    return None
+    return str(last) if last.exists() else None
 
 
 def resolve_config(cfg: DictConfig) -> Budget:
@@ -193,6 +191,23 @@ def discard_unstarted(run_dir: Path) -> None:
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
+def finished_before(cfg: DictConfig, run_dir: Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a run dir that already finished this run (its summary.json at max_steps or
+    beyond), when no ckpt_path asks to go on from elsewhere: the same command run again (a
+    resubmitted sweep, a requeued job that had finished) keeps that run as it is, instead of
+    resuming for no step and writing this process's figures (no tokens, a few seconds) over it."""
+    if cfg.ckpt_path or max_steps < 1 or not (run_dir / "summary.json").is_file():
+        return None
+    try:
+        summary = read_summary(run_dir)
+    except (OSError, ValueError):
+        return None  # unreadable: the run resumes from its last.ckpt and writes it again
+    if summary.steps is None or summary.steps < max_steps:
+        return None  # a longer max_steps extends the run
+    print(f"run: {run_dir} finished before (step {summary.steps} of max_steps {max_steps}): summary.json kept")
+    return summary.to_dict()
+
+
 def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     t_start = time.perf_counter()
     run_dir = Path(cfg.paths.output_dir)
@@ -202,6 +217,12 @@ def train(cfg: DictConfig, callbacks: Sequence[L.Callback] = ()) -> dict[str, An
     except SlmError:
         discard_unstarted(run_dir)
         raise
+    kept = finished_before(cfg, run_dir, trainer.max_steps)
+    if kept is not None:
+        finish_loggers(trainer)
+        return kept
+    if ckpt_path and not cfg.ckpt_path:
+        log.info(f"resuming from {ckpt_path} (this run dir's own checkpoint)")
     # A preempted run (SIGTERM, or SLURM's warning before a time limit) does not come back from fit:
     # slm_cli/preemption.py saves last.ckpt at the step reached and exits for the requeue, so what
     # follows (final validation, last.ckpt, summary.json) runs only for a finished run.

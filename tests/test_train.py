@@ -157,6 +157,15 @@ def test_restarted_run_resumes_from_its_own_last_ckpt(tiny_data: Path, tmp_path:
     before = {float(r["step"]): float(r["train/loss"]) for r in csv.DictReader(first) if r["train/loss"]}
     assert sorted(before) == [0, 1, 2, 3] and all(losses[k] == v for k, v in before.items())  # kept
     assert sorted(losses) == list(range(8))  # and continued: one row per step, none skipped
+    # The same command once more (a resubmitted sweep): the finished run is kept as it is, not
+    # resumed for no step and its summary overwritten by a process that trained nothing.
+    files = {name: (tmp_path / "again" / name).read_bytes()
+             for name in ("summary.json", "metrics.csv", "checkpoints/last.ckpt")}
+    proc = ok(slm("train", f"hydra.run.dir={tmp_path / 'again'}", f"paths.data_dir={tiny_data}", *TINY_DATA,
+                  *TINY_MODEL, *QUIET, "trainer.max_steps=8", *common, cwd=tmp_path))
+    assert f"run: {tmp_path / 'again'} finished before (step 8 of max_steps 8): summary.json kept" in proc.stdout
+    assert "resuming from" not in proc.stdout + proc.stderr
+    assert {name: (tmp_path / "again" / name).read_bytes() for name in files} == files
 
 
 @pytest.mark.parametrize("everything", [["selection=eslm", "selection.alpha=1e-9"],
