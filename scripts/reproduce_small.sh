@@ -11,7 +11,7 @@
 #            (KEEPS) of random, ESLM and ESLM-entropy at SIZE_A with SWEEP_SEEDS. The ESLM-KD teacher
 #            is SIZE_B trained for twice the steps.
 #   lengths  the SIZE_A comparison (without KD) and CoCoNTs again at each of LENGTHS steps, LONG_SEEDS
-#            seeds each (the warm starts at the longest only): does the verdict change with length?
+#            seeds each: does the verdict change with length?
 #   rho1     RHO-1 on a noisy mixture: clean WikiText-2 + the same text with its words shuffled +
 #            Tiny Shakespeare; the reference trains on clean WikiText-2 test text; CLM, random and
 #            RHO-1 at RATIO, and CLM and random on RHO-1's window grid (data.window_grid), evaluated on
@@ -88,15 +88,23 @@ common=("${batch[@]}" "${paths[@]}" "trainer.max_steps=$STEPS" "trainer.val_chec
         "trainer.log_every_n_steps=5" "trainer.checkpoint_every_n_steps=$(( 100 * STEPS ))"
         "trainer.enable_progress_bar=false")
 
+# sweep_size OVERRIDES...: how many jobs a Hydra multirun of these overrides makes (the product of the
+# lengths of its comma lists; a value in braces or brackets is one value)
+sweep_size() {
+  local n=1 arg value
+  for arg in "$@"; do
+    value=${arg#*=}
+    case "$value" in *"{"*|*"["*) continue ;; esac
+    n=$(( n * $(awk -F, '{ print NF }' <<< "$value") ))
+  done
+  echo "$n"
+}
 # train DIR OVERRIDES...: one Hydra multirun into DIR (skipped when every job of it has a summary)
 train() {
   local dir=$1; shift
-  local jobs=0 done_=0
-  if [ -f "$dir/multirun.yaml" ]; then
-    jobs=$(find "$dir" -mindepth 1 -maxdepth 1 -type d -regex '.*/[0-9]+' | wc -l)
-    done_=$(find "$dir" -mindepth 2 -maxdepth 2 -regex '.*/[0-9]+/summary.json' | wc -l)
-  fi
-  if [ "$jobs" -gt 0 ] && [ "$jobs" -eq "$done_" ]; then
+  local done_=0
+  [ -d "$dir" ] && done_=$(find "$dir" -mindepth 2 -maxdepth 2 -regex '.*/[0-9]+/summary.json' | wc -l)
+  if [ "$done_" -ge "$(sweep_size "${common[@]}" "$@" "${extra[@]}")" ]; then
     echo "== $dir: done before, kept"; return
   fi
   echo "== $dir: $*"
@@ -154,9 +162,6 @@ lengths() {  # lengths STEPS...: the SIZE_A comparison and CoCoNTs at these leng
   for n in "$@"; do
     comparison "$root/lengths/L$n" "$long_seeds" "$n" "${data[@]}" "${size_a[@]}"
     instances "$root/lengths/L$n" "$long_seeds" "$n" "${data[@]}" "${size_a[@]}"
-    if [ "$n" = "$longest" ]; then
-      warm_starts "$root/lengths/L$n" "$long_seeds" "$n" "${data[@]}" "${size_a[@]}"
-    fi
     read -r -a len <<< "$(length "$n")"
     OMP_NUM_THREADS=$threads "${slm[@]}" ngram "${data[@]}" "${paths[@]}" ngram.n=4 ngram.r=8  # up to date: a no-op
     train "$root/lengths/L$n/coconts" "${data[@]}" "${size_a[@]}" "${len[@]}" selection=clm target=coconts \
