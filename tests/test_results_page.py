@@ -17,7 +17,7 @@ import yaml
 
 from slm_cli.report import results
 from slm_cli.report.build import Report
-from slm_cli.report.matched import Comparison, Point, compare
+from slm_cli.report.matched import Comparison, Point, Trend, compare
 from slm_cli.report.runs import FINISHED, Run, find_runs
 from slm_cli.report.table import Row, build_table, keep_fraction
 from slm_cli.summary import RunSummary
@@ -215,7 +215,7 @@ def test_page_states_the_studys_figures(study: tuple[Path, str]) -> None:
     assert f"| {delta_text(entropy, clm)} (no difference) |" in rows["ESLM (entropy, keep 0.6)"]
     # the keep-0.6 saving: 1 − (1/3 + 2/3·⌈0.6·2048⌉/2048) nominal, 0.2·(1 − k) realised
     k = math.ceil(0.6 * TOKENS_PER_STEP) / TOKENS_PER_STEP
-    assert f"| {100 * (2 / 3) * (1 - k):.1f}% | {100 * 0.2 * (1 - k):.1f}% | never |" in eslm_row
+    assert f"| {100 * 0.2 * (1 - k):.1f}% | {100 * (2 / 3) * (1 - k):.1f}% | never |" in eslm_row  # realised first
     assert "**ESLM: CLM's loss or better with fewer FLOPs (size A)**: **does not reproduce**" in page
     assert "  - ESLM-KD (loss, keep 0.6): **no saving**" in page  # its teacher's forward costs more than selection saves
     # the keep sweep: ESLM's loss grows with the keep here, random's is lowest at the main keep
@@ -236,9 +236,8 @@ def test_page_runs_plans_machine_and_plots(study: tuple[Path, str]) -> None:
     # 6 methods × 2 seeds + CLM at 3 lengths × 2 seeds at two sizes, 6 sweep runs, 6 RHO-1, 2 CoCoNTs
     runs = 2 * (12 + 6) + 6 + 6 + 2
     seconds = (runs - 6) / 2 * (61 + 62) + 6 * 61  # wall_s is 60 + seed; the sweep has seed 1 only
-    last_end = 90 * (runs - 1) + 62  # each run starts 90 s after the one before
-    assert (f"on {describe(machine())}; {runs} training runs, {seconds / 60:.0f} min of training in all "
-            f"(two at a time), {last_end / 60:.0f} min from the first start to the last end.") in page
+    assert (f"on {describe(machine())}; {runs} training runs, {seconds / 3600:.1f} h of training in all, "
+            f"two at a time: about {seconds / 7200:.1f} h of wall-clock.") in page
     # the plan's figures, and its time on one A100 / H100 at 40% MFU: 3.178e20 / (312e12 × 0.4) s
     assert "| `clm_gpt2` | 294,912,000,000 | 1.85e+20 | 3.18e+20 | 29.5 days | 9.3 days |" in page
     assert "| eslm_gpt2 | – | – | – | – | dry run failed: no GPU here |" in page
@@ -250,7 +249,8 @@ def test_page_runs_plans_machine_and_plots(study: tuple[Path, str]) -> None:
     assert (root / "reports" / "methods_a" / "report.md").is_file()  # each part's `slm report`
     # Ada-ESLM's α: from 0.5 down by 0.02 a step to its floor 0.2, the same for both seeds
     alphas = [max(0.2, 0.5 - 0.02 * step) for step in range(1, STEPS + 1)]
-    assert f"| size A | Ada-ESLM (loss) | adaptive | 100 | 2 | 80.0% | {np.mean(alphas):.3f}; 0.200 |" in page
+    # (it reaches 0.2 after 15 steps: the metrics' step 14, which counts from 0)
+    assert f"| size A | Ada-ESLM (loss) | adaptive | 100 | 2 | 80.0% | {np.mean(alphas):.3f}; 0.200; there from step 14 |" in page
     # CLM's tokens at size A (2048 × 100), over the corpus's 290k training tokens
     assert "205k training tokens, 0.7 passes over a corpus of 290k tokens." in page
 
@@ -344,3 +344,47 @@ def test_training_length_and_the_grid_on_the_page(tmp_path: Path) -> None:
     assert (f"  - After 100 steps: against CLM on RHO-1's window grid, on the clean text RHO-1 is better "
             f"(Δ {delta_text(wiki['rho1'], wiki['clm_grid'])})") in page
     assert "  - After 300 steps: RHO-1 against CLM on the clean text is better" in page
+
+
+def test_where_each_method_pays_off(study: tuple[Path, str]) -> None:
+    """A setting's cell: the verdict at the same realised FLOPs and the time to CLM's loss as a share
+    of CLM's; the gap's course over lengths judged beyond 2 SE of its change; and the page's lines,
+    from the hand-made study's offsets (ESLM worse everywhere, CoCoNTs better on the same FLOPs)."""
+    row = Row(key=(), runs=[run_of({"selection": {"name": "eslm", "alpha": 0.4}})])
+
+    def with_clm(realised: float, seconds: float | None) -> results.Entry:
+        return results.Entry(row, Comparison(row=row, loss=Point(5.0, 0.01, 3), same_steps=Point(5.0, 0.01, 3),
+                                             same_realized=Point(realised, 0.01, 3), same_nominal=None, steps=100,
+                                             steps_to_clm=None, seconds_to_clm=seconds, clm_seconds=60.0))
+
+    assert results.payoff_cell(with_clm(5.1, 30.0)) == ("realised FLOPs: better; CLM's loss in 50% of CLM's time", True)
+    assert results.payoff_cell(with_clm(4.9, None)) == ("realised FLOPs: worse; CLM's loss: never", False)
+    assert results.payoff_cell(with_clm(4.9, 90.0)) == ("realised FLOPs: worse; CLM's loss in 150% of CLM's time", False)
+    assert results.payoff_cell(with_clm(5.0, 45.0))[1]  # no different per FLOP, but sooner on the clock
+
+    def trend(first: float, last: float) -> Trend:
+        return Trend("x", [Comparison(row=row, loss=Point(d, 0.01, 3), same_steps=Point(0.0, 0.01, 3), same_realized=None,
+                                      same_nominal=None, steps=n, steps_to_clm=None)
+                           for n, d in ((200, first), (1600, last))])
+
+    # the change's SE: each Δ's SE is sqrt(2 * 0.01² / 3); the change's, sqrt(2) times that
+    se = math.sqrt(2) * math.sqrt(2 * 0.01**2 / 3)
+    assert results.trend_word(trend(0.5, 0.2)) == "narrows" and results.trend_word(trend(0.5, 0.9)) == "widens"
+    assert results.trend_word(trend(0.5, 0.5 + 1.9 * se)) == "holds" and results.trend_word(trend(0.5, 0.5 + 2.1 * se)) == "widens"
+    _, page = study
+    assert "## Where each method pays off" in page
+    assert "- **ESLM (loss, keep 0.6)**: pays off in no setting of this study." in page
+    assert "- **CoCoNTs**: pays off at size A, 100 steps." in page
+    assert "- **RHO-1 (on the noisy mixture, judged on clean held-out text)**: pays off at 100 steps" in page
+
+
+def test_a_resumed_runs_seconds(tmp_path: Path) -> None:
+    """A resumed run's wall time: its last process's wall_s plus the training time of the processes
+    before it, read from train/time, which restarts from zero in each process (here 20 s, then 15)."""
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("step,train/time\n4,10.0\n9,20.0\n14,5.0\n19,15.0\n")
+    run = Run(dir=tmp_path, config={}, summary=RunSummary(wall_s=18.0), status=FINISHED, metrics_path=metrics)
+    assert results.run_seconds(run) == pytest.approx(18.0 + 20.0)
+    metrics.write_text("step,train/time\n4,10.0\n9,20.0\n")  # one process: its wall time alone
+    assert results.run_seconds(Run(dir=tmp_path, config={}, summary=RunSummary(wall_s=25.0), status=FINISHED,
+                                   metrics_path=metrics)) == pytest.approx(25.0)

@@ -34,6 +34,7 @@ from slm_cli.machine import describe, machine
 from slm_cli.outputs import atomic_write
 from slm_cli.report import build
 from slm_cli.report import results_text as prose
+from slm_cli.report.curves import resumed_time
 from slm_cli.report.matched import (
     LENGTH_NOTE,
     SIGNIFICANCE,
@@ -47,7 +48,7 @@ from slm_cli.report.matched import (
     reach_text,
     verdict,
 )
-from slm_cli.report.runs import ACCURACY, SOURCE_LOSS, find_runs, flatten
+from slm_cli.report.runs import ACCURACY, SECONDS, SOURCE_LOSS, Run, find_runs, flatten
 from slm_cli.report.table import (
     Row,
     accuracy_cell,
@@ -69,10 +70,10 @@ PARTS = {"methods_a": ("size A", ["methods/a"]), "methods_b": ("size B", ["metho
 PLOTS = {"methods_a": ["val_loss_vs_flops.png", "loss_vs_flops.png", "val_loss_vs_seconds.png", "selection.png"],
          "methods_b": ["val_loss_vs_flops.png"], "lengths": ["delta_vs_length.png"],
          "rho1": ["val_loss_by_source.png"], "coconts": ["loss_vs_tokens.png"]}
-GPT2_EXPERIMENTS = ["clm_gpt2", "eslm_gpt2", "ada_eslm_gpt2", "rho1_gpt2", "coconts_gpt2"]
+GPT2_EXPERIMENTS = ["clm_gpt2", "eslm_gpt2", "ada_eslm_gpt2", "hier_eslm_gpt2", "rho1_gpt2", "coconts_gpt2"]
 GPUS = {"A100": "1 A100", "H100 SXM": "1 H100"}  # the plan's GPUs shown, and their column
 ORDER = ["clm", "random", "eslm", "eslm-entropy", "ada_eslm", "hier_eslm", "hier_eslm-entropy", "eslm-kd"]
-COMPARISONS = ("same_steps", "same_nominal", "same_realized")
+COMPARISONS = ("same_steps", "same_realized", "same_nominal")  # realised first: what runs; nominal, the papers'
 WIKI = f"{SOURCE_LOSS}wiki"  # the RHO-1 mixture's clean source: its validation loss
 
 
@@ -228,9 +229,9 @@ def claim(entry: Entry) -> str:
         head = "**not shown**: worse after the same steps; its FLOPs fall outside CLM's budgets"
     else:
         head = "**does not reproduce**: worse than CLM after the same steps and at the same nominal FLOPs"
-    return (f"{head}. Same steps: {verdict_of(entry.delta('same_steps'))}; same nominal FLOPs: "
-            f"{verdict_of(entry.delta('same_nominal'))}; same realised FLOPs: "
-            f"{verdict_of(entry.delta('same_realized'))}.")
+    return (f"{head}. Same steps: {verdict_of(entry.delta('same_steps'))}; same realised FLOPs: "
+            f"{verdict_of(entry.delta('same_realized'))}; same nominal FLOPs (the papers' accounting): "
+            f"{verdict_of(entry.delta('same_nominal'))}.")
 
 
 def keep_text(entry: Entry) -> str:
@@ -259,11 +260,11 @@ def main_rows(rows: Sequence[Entry], steps: float, main_keep: float) -> list[Ent
 
 
 def methods_table(rows: Sequence[Entry]) -> str:
-    header = ["method", "keep", "n", "val loss", "Δ vs CLM, same steps", "Δ vs CLM, same nominal FLOPs",
-              "Δ vs CLM, same realised FLOPs", "saved nominal", "saved realised", "steps to CLM's loss",
+    header = ["method", "keep", "n", "val loss", "Δ vs CLM, same steps", "Δ vs CLM, same realised FLOPs",
+              "Δ vs CLM, same nominal FLOPs", "saved realised", "saved nominal", "steps to CLM's loss",
               "seconds to CLM's loss"]
     out = [[e.name, keep_text(e), f"{e.n}", e.pm("val_loss"), *(delta_cell(e.delta(name)) for name in COMPARISONS),
-            pct(e.mean("flops_saved_frac_nominal")), pct(e.mean("flops_saved_frac_realized")), *reach_cells(e)]
+            pct(e.mean("flops_saved_frac_realized")), pct(e.mean("flops_saved_frac_nominal")), *reach_cells(e)]
            for e in rows]
     return table(header, out)
 
@@ -299,13 +300,26 @@ def sweep_table(rows: Sequence[Entry], steps: float) -> tuple[str, dict[str, flo
     return table(["method", *(f"keep {k:g}" for k in keeps)], out), best
 
 
+def settled_step(steps: Sequence[float], values: Sequence[float]) -> float:
+    """The first logged step from which a series keeps its final value to the end of the run."""
+    i = len(values) - 1
+    while i > 0 and abs(values[i - 1] - values[-1]) <= 1e-9:
+        i -= 1
+    return steps[i]
+
+
 def alpha_text(entry: Entry) -> str:
-    """ESLM's α over the row's runs: the mean over each run, and the final value, averaged."""
-    alphas = [values for run in entry.row.runs if (values := run.metrics.get("selection/alpha", ([], []))[1])]
-    if not alphas:
+    """ESLM's α over the row's runs: the mean over each run and the final value, averaged; for an
+    α that moves (Ada-ESLM), also the step from which it stays at its final value (mean over runs)."""
+    series = [run.metrics["selection/alpha"] for run in entry.row.runs if run.metrics.get("selection/alpha", ([], []))[1]]
+    if not series:
         return "–"
-    return (f"{sum(sum(a) / len(a) for a in alphas) / len(alphas):.3f}; "
+    alphas = [values for _, values in series]
+    text = (f"{sum(sum(a) / len(a) for a in alphas) / len(alphas):.3f}; "
             f"{sum(a[-1] for a in alphas) / len(alphas):.3f}")
+    if any(max(a) - min(a) > 1e-9 for a in alphas):
+        text += f"; there from step {sum(settled_step(*s) for s in series) / len(series):.0f}"
+    return text
 
 
 def runs_table(parts: dict[str, list[Entry]]) -> str:
@@ -384,21 +398,21 @@ def corpus_tokens(root: Path) -> float:
     return 0.0
 
 
+def run_seconds(run: Run) -> float:
+    """A run's wall time: its last process's (summary.json's wall_s) plus the training time of the
+    processes before it when it was resumed (train/time, which each process counts from zero)."""
+    wall = (run.summary.wall_s if run.summary else None) or 0.0
+    _, times = run.metrics.get(SECONDS, ([], []))
+    return wall + (float(resumed_time(times)[-1]) - times[-1] if times else 0.0)
+
+
 def run_time(parts: dict[str, list[Entry]]) -> str:
-    """How many runs the parts hold, their summed wall time (each configuration counted once), and
-    the wall-clock from the first run's start to the last run's end (from the run dirs' files, so
-    that a rerun which only rewrites the reports does not count)."""
-    seen: dict[tuple[Path, ...], tuple[float, float]] = {}
-    dirs: set[Path] = set()
-    for rows in parts.values():
-        for e in rows:
-            seen[tuple(run.dir for run in e.row.runs)] = (e.n, (e.mean("wall_s") or 0) * e.n)
-            dirs |= {run.dir for run in e.row.runs}
-    runs, seconds = sum(n for n, _ in seen.values()), sum(s for _, s in seen.values())
-    starts = [(d / ".hydra" / "config.yaml").stat().st_mtime for d in dirs if (d / ".hydra" / "config.yaml").is_file()]
-    ends = [(d / "summary.json").stat().st_mtime for d in dirs if (d / "summary.json").is_file()]
-    clock = f", {(max(ends) - min(starts)) / 60:.0f} min from the first start to the last end" if starts and ends else ""
-    return f"{runs:.0f} training runs, {seconds / 60:.0f} min of training in all (two at a time){clock}"
+    """How many runs the parts hold (each counted once) and their summed wall time, which two lanes
+    side by side take in half."""
+    runs = {run.dir: run for rows in parts.values() for e in rows for run in e.row.finished}
+    seconds = sum(run_seconds(run) for run in runs.values())
+    return (f"{len(runs)} training runs, {seconds / 3600:.1f} h of training in all, two at a time: "
+            f"about {seconds / 7200:.1f} h of wall-clock")
 
 
 def copy_plots(reports: dict[str, build.Report], out_dir: Path) -> dict[str, list[str]]:
@@ -483,6 +497,90 @@ def claims(s: Study) -> list[str]:
                      + ("never within the run" if reach is None else f"at step {reach:.0f} of {coco.steps:.0f}")
                      + "; its loss after the same steps is " + verdict_of(coco.delta("same_steps")) + ".")
     return [*lines, ""]
+
+
+# ---- where each method pays off ---------------------------------------------------------------------
+
+def settings(s: Study) -> list[tuple[str, list[Entry]]]:
+    """Every setting in which the study compares methods with CLM, as (its short name, its main
+    rows): size A at each training length (the lengths part, else the main runs and CoCoNTs), size B."""
+    rows_a = s.parts["lengths"] or [*s.parts["methods_a"], *(e for e in s.parts["coconts"] if e.method == "coconts")]
+    out = []
+    for steps in sorted({e.steps for e in rows_a if e.steps}):
+        rows = main_rows(rows_a, steps, s.keep)
+        if any(e.against for e in rows):
+            out.append((f"size A, {steps:.0f} steps", rows))
+    if any(e.against for e in s.sizes["methods_b"]):
+        out.append((f"size B, {s.steps:.0f} steps", s.sizes["methods_b"]))
+    return out
+
+
+def payoff_cell(e: Entry) -> tuple[str, bool]:
+    """What a configuration gives in one setting, in the user's currencies: its Δ against CLM at the
+    same realised FLOPs (judged beyond 2 SE) and the training time it takes to reach CLM's final
+    loss; and whether it pays off there (better at the same realised FLOPs, or CLM's loss in less
+    time than CLM)."""
+    realised = word_of(e.delta("same_realized"))
+    c = e.against
+    sooner = bool(c and c.seconds_to_clm is not None and c.clm_seconds and c.seconds_to_clm < c.clm_seconds)
+    parts = ["realised FLOPs: " + (realised or "outside CLM's budgets")]
+    if c is not None and c.clm_seconds:
+        parts.append("CLM's loss: never" if c.seconds_to_clm is None
+                     else f"CLM's loss in {c.seconds_to_clm / c.clm_seconds:.0%} of CLM's time")
+    return "; ".join(parts), realised == "better" or sooner
+
+
+def trend_word(trend: Trend) -> str:
+    """How the gap to CLM after the same steps moves from the shortest to the longest length:
+    "narrows", "widens" (beyond 2 SE of the change) or "holds"."""
+    (first, se1), (last, se2) = trend.deltas()[0], trend.deltas()[-1]
+    change, se = last - first, math.hypot(se1, se2)
+    if abs(change) <= SIGNIFICANCE * se:
+        return "holds"
+    return "narrows" if abs(last) < abs(first) else "widens"
+
+
+def pays_off(s: Study) -> list[str]:
+    """"Where each method pays off": per method and setting, the verdict at the same realised FLOPs
+    and the time to CLM's loss; then one line per method a researcher can act on."""
+    where = settings(s)
+    if not where:
+        return []
+    cells: dict[str, dict[str, tuple[str, bool]]] = {}
+    for name, rows in where:
+        for e in rows:
+            if e.against is not None:
+                label = method_name(e.config, warm_share=True).name
+                cells.setdefault(label, {})[name] = payoff_cell(e)
+    header = ["method", *(name for name, _ in where)]
+    rows = [[label, *(by.get(name, ("not run", False))[0] for name, _ in where)] for label, by in cells.items()]
+    trends = {t.label: t for t in s.trends.get("lengths", [])}
+    lines = ["## Where each method pays off", "", prose.PAYS_OFF, "", table(header, rows, len(header)), ""]
+    for label, by in cells.items():
+        good = [name for name, (_, ok) in by.items() if ok]
+        trend = trends.get(label)
+        course = "" if trend is None else (
+            f" Its gap to CLM after the same steps {trend_word(trend)} from {trend.steps[0]:.0f} to "
+            f"{trend.steps[-1]:.0f} steps ({', '.join(f'{d:+.3f}' for d, _ in trend.deltas())}).")
+        lines.append(f"- **{label}**: " + (f"pays off at {'; '.join(good)}." if good
+                                           else "pays off in no setting of this study.") + course)
+    return [*lines, *rho1_pays_off(s), ""]
+
+
+def rho1_pays_off(s: Study) -> list[str]:
+    """RHO-1's line: its loss on the clean held-out text against CLM after the same steps, at
+    each length it ran."""
+    by_steps = {e.steps: e for e in s.parts["rho1"] if e.method == "rho1"}
+    clm = {e.steps: e for e in s.parts["rho1"] if e.method == "clm"}
+    found = [(n, diff_between(by_steps[n], clm.get(n), WIKI)) for n in sorted(by_steps)]
+    if not found:
+        return []
+    words = [f"{n:.0f} steps {word_of(d) or 'not measured'}" + (f" ({d[0]:+.3f})" if d else "") for n, d in found]
+    good = [n for n, d in found if word_of(d) == "better"]
+    return ["- **RHO-1 (on the noisy mixture, judged on clean held-out text)**: "
+            + (f"pays off at {', '.join(f'{n:.0f} steps' for n in good)}" if good else "pays off at no length")
+            + f" against CLM after the same steps ({'; '.join(words)}); it needs a reference model trained "
+            "on clean text, whose cost is not counted."]
 
 
 def rho1_claim(s: Study) -> list[str]:
@@ -602,7 +700,7 @@ def page(root: Path, reports: dict[str, build.Report], out: Path, command: str, 
              f"{run_time(s.parts)}. Do not edit: rerun the script (docs/results.md is its output). Every figure is "
              f"the mean ± sample standard deviation over seeds; a difference counts only beyond {SIGNIFICANCE:g} "
              "standard errors of the difference, and is called \"no difference\" otherwise.", ""]
-    lines += [*claims(s), "## Setup", "", prose.SETUP, "", *methods_part(s), *other_parts(s)]
+    lines += [*claims(s), *pays_off(s), "## Setup", "", prose.SETUP, "", *methods_part(s), *other_parts(s)]
     lines += ["## What this test can and cannot say", "",
               prose.LIMITS.format(tokens=si(tokens), passes=tokens / corpus if corpus else math.nan,
                                   corpus=f"{si(corpus)} tokens" if corpus else "unknown size"), ""]

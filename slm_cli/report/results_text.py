@@ -14,8 +14,27 @@ SETUP = """- **Corpus**: WikiText-2 (the vendored validation split, 290k trainin
 - **CLM at fewer steps** (0.4, 0.6 and 0.8 of them, each with its own full schedule) gives CLM's loss
   at other budgets: a method is compared with CLM interpolated at its own nominal and at its realised
   FLOPs (linear in log FLOPs, never extrapolated; `slm report`'s "against CLM" table).
-- **Seeds**: 3 per configuration (the keep sweep: 1). Runs go two at a time, one thread each, so
-  tokens/s is per run with another beside it."""
+- **Hierarchical ESLM** (size A) keeps half of each micro-batch's windows by an early exit after the
+  first block (64 of the 128 positions scored), then ESLM at α = 0.4 inside them.
+- **Warm starts**: ESLM (loss and entropy) trains with CLM for the first quarter of the steps
+  (`trainer.selection_start_step`), then selects; its FLOPs count CLM's cost for those steps.
+- **Training length**: size A's comparison again at 400 and 1600 steps (2 seeds each), each run
+  with its own warmup and cosine schedule, against CLM trained as long.
+- **Downstream**: every final model of the main comparisons on slm's offline tasks (`slm eval
+  tasks=slm_local`: the last word of 300 WikiText-2 test passages, and the next line of 300
+  Shakespeare speeches among 4), accuracy with its spread over seeds.
+- **Seeds**: 3 per configuration at 200 steps (the keep sweep: 1), 2 at the longer lengths. Runs go
+  two at a time, one thread each, on an otherwise idle machine: tokens/s and seconds are per run with
+  another beside it."""
+
+PAYS_OFF = """Each setting (size A at each training length, size B) in the currencies a user pays: the
+validation loss against CLM's at the same realised FLOPs (what slm executes; CLM interpolated between
+its shorter runs, judged beyond 2 standard errors), and the training time (seconds inside training
+steps, two runs side by side on 2 cores) the method's mean curve takes to reach CLM's final loss,
+as a share of CLM's own. A method pays off in a setting where it is better at the same realised FLOPs
+or reaches CLM's loss in less time. CLM's budgets are its runs at every length of the size (each with
+its own schedule), so at the longest length a method that saves FLOPs meets CLM between its two
+longest runs."""
 
 PART1 = """Nominal FLOPs are the papers' accounting (the backward pass counted for the selected tokens
 only); realised FLOPs are what slm executes (the trunk's backward stays dense; docs/flops.md).
@@ -37,7 +56,9 @@ stored 4-gram next-token distribution. "Steps to CLM's loss" is the first step a
 validation curve reaches CLM's final loss (linear between the 10 validation points)."""
 
 PART4 = """Per configuration: the share of tokens trained on, ESLM's α (constant) or Ada-ESLM's (mean over the
-run; final), and the training throughput (two runs side by side on 2 cores)."""
+run; final; the step from which it stays at its final value, mean over seeds), and the training
+throughput (two runs side by side on 2 cores). Why Ada-ESLM's α settles on its floor:
+[methods.md](methods.md#ada-eslm)."""
 
 LIMITS = """- **Scale.** The default sizes have 0.8M and 3M non-embedding parameters, and each run sees
   {tokens} training tokens, {passes:.1f} passes over a corpus of {corpus}. The papers' claims are about GPT-2-size models and billions of
@@ -59,8 +80,9 @@ LIMITS = """- **Scale.** The default sizes have 0.8M and 3M non-embedding parame
 SCALE = """ESLM reports its gains on GPT-2 pretraining; RHO-1 on 1.1B and 7B models. slm's `*_gpt2`
 experiments are the GPT-2 124M recipe on OpenWebText (nanoGPT's 600k steps of 491,520 tokens).
 `slm train +experiment=<name> dry_run=true` gives their FLOPs from slm's own accounting and their
-time on one GPU at 40% MFU (divide by the GPU count for a node). Realised FLOPs include the scoring
-forward pass that global selection needs with accumulation (docs/scaling.md); RHO-1's reference
+time on one GPU at 40% MFU (divide by the GPU count for a node). Selection runs per micro-batch, so
+no scoring pass is paid; realised FLOPs are what the code executes (the trunk's backward stays dense
+under token selection; hierarchical ESLM also skips the dropped windows' trunk). RHO-1's reference
 training and scoring, and ESLM-KD's teacher, come on top."""
 
 SCALE_AFTER = """One seed of one method is the GPU-days above, about a day or more on an 8-GPU node; the
@@ -71,7 +93,7 @@ recipe)."""
 
 RERUN = """```bash
 make install
-SLM=.venv/bin/slm scripts/reproduce_small.sh            # about 70 min on 2 cores; writes docs/results.md
+SLM=.venv/bin/slm scripts/reproduce_small.sh            # hours on 2 cores (the top of this page); writes docs/results.md
 ```
 
 The script skips every run that already has its summary, so an interrupted run continues where it
