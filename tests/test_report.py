@@ -492,3 +492,19 @@ def test_train_time_of_a_resumed_run_counts_on() -> None:
     first, second = [1.0, 2.5, 4.0], [0.5, 2.0, 3.0]  # a resume after 4.0 s, then 3.0 s more
     assert resumed_time(first + second).tolist() == pytest.approx(first + [4.0 + t for t in second])
     assert resumed_time(first).tolist() == first
+
+
+def test_series_of_one_family_look_different() -> None:
+    """CLM and CLM on RHO-1's grid are both grey: the second series of a family takes another line
+    style and marker, so the two curves stay apart where they overlap."""
+    from slm_cli.report.plot_style import styles
+    from slm_cli.report.table import build_table
+
+    onehot = conf("target", "onehot")
+    runs = [run_with(selection=conf("selection", "clm"), target=onehot, model={"block_size": 128}, data={}),
+            run_with(selection=conf("selection", "clm"), target=onehot, model={"block_size": 128},
+                     data={"window_grid": 128})]
+    style, series = styles(build_table(runs))
+    assert sorted(series) == ["CLM", "CLM on RHO-1's grid"]
+    (a,), (b,) = series["CLM"], series["CLM on RHO-1's grid"]
+    assert (style[a].linestyle, style[a].marker) != (style[b].linestyle, style[b].marker)

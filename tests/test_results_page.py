@@ -388,3 +388,24 @@ def test_a_resumed_runs_seconds(tmp_path: Path) -> None:
     metrics.write_text("step,train/time\n4,10.0\n9,20.0\n")  # one process: its wall time alone
     assert results.run_seconds(Run(dir=tmp_path, config={}, summary=RunSummary(wall_s=25.0), status=FINISHED,
                                    metrics_path=metrics)) == pytest.approx(25.0)
+
+
+def test_downstream_se_counts_the_tasks_examples(tmp_path: Path) -> None:
+    """Every seed answers the same examples, so a mean accuracy's standard error adds lm-eval's
+    acc_stderr (averaged over seeds) to the seeds' spread: Δ's SE = sqrt(s_a²/n + s_b²/n + e_a² + e_b²).
+    With seeds that agree exactly, a difference inside the examples' error is no difference."""
+    acc = {("clm", 1): 0.25, ("clm", 2): 0.25, ("eslm", 1): 0.26, ("eslm", 2): 0.26}
+    err = {("clm", 1): 0.025, ("clm", 2): 0.027, ("eslm", 1): 0.026, ("eslm", 2): 0.026}
+    for seed in (1, 2):
+        for name, selection in (("clm", {"name": "clm"}), ("eslm", {"name": "eslm", "alpha": 0.4, "score": "loss"})):
+            d = tmp_path / "runs" / name / str(seed)
+            make_run(d, selection, seed, STEPS, 0.0, keep=0.6 if name == "eslm" else 1.0)
+            (d / "eval").mkdir()
+            (d / "eval" / "slm_local.json").write_text(json.dumps(
+                {"results": {"nextline": {"acc,none": acc[name, seed], "acc_stderr,none": err[name, seed]}}}))
+    from slm_cli.report.build import write
+
+    rows = results.entries(write(find_runs([str(tmp_path / "runs")]), tmp_path / "report"))
+    se = math.sqrt(0 + 0 + np.mean([0.026, 0.026]) ** 2 + np.mean([0.025, 0.027]) ** 2)
+    assert results.downstream_table(rows).splitlines()[-1] == (
+        f"| ESLM (loss, keep 0.6) | 0.2600 ± 0.0000 (n=2) | +0.0100 ± {se:.4f} (no difference) |")

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from slm_cli.report.curves import row_curve
-from slm_cli.report.runs import ACCURACY, SECONDS, Run, flatten
+from slm_cli.report.runs import ACCURACY, ACCURACY_SE, SECONDS, Run, flatten
 from slm_cli.report.table import IGNORED_KEYS, IGNORED_PREFIXES, Row, Table, figures_named
 
 # Keys that may differ between a strategy and the CLM runs it is compared with: what is compared
@@ -76,11 +76,22 @@ class Comparison:
 
     def accuracy(self, task: str) -> tuple[Point, Point] | None:
         """(this configuration's, CLM's at the same steps) accuracy on a downstream task (its
-        figure ``acc:<task>``), when both have results."""
+        figure ``acc:<task>``), when both have results. Each Point's spread carries the task's
+        sampling error too: every seed answers the same examples, so averaging seeds does not
+        shrink it, and the standard error of a mean accuracy is sqrt(std²/n + se²), with se the
+        seeds' mean acc_stderr (the Point's std is set so that std/sqrt(n) is that)."""
         if self.clm_row is None:
             return None
-        mine, clm = point(self.row, task), point(self.clm_row, task)
+        mine, clm = accuracy_point(self.row, task), accuracy_point(self.clm_row, task)
         return None if mine is None or clm is None else (mine, clm)
+
+
+def accuracy_point(row: Row, task: str) -> Point | None:
+    p = point(row, task)
+    if p is None:
+        return None
+    se = row.stats(ACCURACY_SE + task[len(ACCURACY):])[0] or 0.0
+    return Point(p.mean, math.sqrt(p.std**2 + p.n * se**2), p.n)
 
 
 def is_clm(run: Run) -> bool:

@@ -90,6 +90,7 @@ def styles(table: Table) -> tuple[dict[int, Style], dict[str, list[int]]]:
     families = list(dict.fromkeys(["CLM", *(table.method(row).family for row in table.rows)]))
     hues = plt.get_cmap("tab10" if len(keyed) <= 10 else "tab20")
     out, series, hue, order = {}, {}, 0, 0
+    per_family: dict[str, int] = {}
     for key, members in keyed.items():
         first = table.rows[members[0]]
         one_budget = len({table.method(table.rows[i]).name for i in members}) == 1
@@ -99,7 +100,9 @@ def styles(table: Table) -> tuple[dict[int, Style], dict[str, list[int]]]:
             base = (0.1, 0.1, 0.1)
         else:
             base, hue = hues(hue % hues.N), hue + 1
-        linestyle, marker = LOOKS[families.index(family) % len(LOOKS)]
+        # A family's later series take another look (CLM on RHO-1's grid beside CLM: both are grey).
+        k = per_family[family] = per_family.get(family, -1) + 1
+        linestyle, marker = LOOKS[(families.index(family) + 3 * k) % len(LOOKS)]
         for j, i in enumerate(members):
             out[i] = Style(table.label(table.rows[i]), _shade(base, j, len(members)), linestyle, marker, family, order)
             order += 1

@@ -334,18 +334,18 @@ def scale_text(sizes: dict[str, list[Entry]]) -> str:
     out = []
     for name in ("random", "eslm", "eslm-entropy", "ada_eslm", "eslm-kd"):
         cells = []
-        for comparison in ("same_steps", "same_nominal"):
+        for comparison in ("same_steps", "same_realized"):
             for part in ("methods_a", "methods_b"):
                 e = next((x for x in sizes[part] if x.method == name), None)
                 d = e.delta(comparison) if e else None
                 cells.append("–" if d is None else f"{d[0]:+.4f}")
         named = next((x.name for part in sizes for x in sizes[part] if x.method == name), name)
         out.append([named, *cells])
-    return ("Δ validation loss against CLM at each size, after the same steps and at the same nominal FLOPs "
+    return ("Δ validation loss against CLM at each size, after the same steps and at the same realised FLOPs "
             "(negative: the method is ahead). Two sizes a factor of about four apart in parameters can show a "
             "direction, not a scaling law.\n\n"
-            + table(["method", "same steps, size A", "same steps, size B", "same nominal FLOPs, size A",
-                     "same nominal FLOPs, size B"], out))
+            + table(["method", "same steps, size A", "same steps, size B", "same realised FLOPs, size A",
+                     "same realised FLOPs, size B"], out))
 
 
 # ---- the plans at the papers' scale ----------------------------------------------------------------
@@ -610,9 +610,10 @@ def rho1_claim(s: Study) -> list[str]:
         if steps != main:
             said_here.append(f"RHO-1 against CLM on the clean text is {between(rho, 'rho1', 'clm', WIKI)}")
         if "clm-grid" in rho:  # CLM on the very windows RHO-1 trains on: the window placement taken out
+            grid_random = (f", against random on the grid {between(rho, 'rho1', 'random-grid', WIKI)}"
+                           if "random-grid" in rho else "")
             said_here.append(f"against CLM on RHO-1's window grid, on the clean text RHO-1 is "
-                             f"{between(rho, 'rho1', 'clm-grid', WIKI)}, against random on the grid "
-                             f"{between(rho, 'rho1', 'random-grid', WIKI)}; CLM on the grid against CLM is "
+                             f"{between(rho, 'rho1', 'clm-grid', WIKI)}{grid_random}; CLM on the grid against CLM is "
                              f"{between(rho, 'clm-grid', 'clm', WIKI)}")
         if said_here:
             lines.append(f"  - After {steps:.0f} steps: " + "; ".join(said_here) + ".")

@@ -70,7 +70,8 @@ class Run:
         if not self.summary:
             return {}
         return {**summary_figures(self.summary),
-                **{f"{ACCURACY}{task}": acc for task, acc in read_downstream(self.dir).items()}}
+                **{f"{prefix}{task}": value for task, pair in read_downstream(self.dir).items()
+                   for prefix, value in zip((ACCURACY, ACCURACY_SE), pair, strict=True)}}
 
     @property
     def tokens_per_step(self) -> float | None:
@@ -97,6 +98,7 @@ class Run:
 
 SOURCE_LOSS = "val_loss:"  # figure name prefix of a mixture source's validation loss
 ACCURACY = "acc:"         # figure name prefix of a downstream task's accuracy
+ACCURACY_SE = "acc_se:"   # ... and of its standard error over the task's examples (lm-eval's acc_stderr)
 EVAL = "eval"             # where `slm eval tasks=` writes a run's results (slm_cli/evaluate/harness.py)
 SECONDS = "train/time"    # Lightning's ThroughputMonitor: seconds inside training, validation excluded
 
@@ -114,8 +116,9 @@ def summary_figures(summary: RunSummary) -> dict[str, float]:
     return out
 
 
-def read_downstream(run_dir: Path) -> dict[str, float]:
-    """The accuracy (lm-eval's ``acc`` metric, filter ``none``) per task of a run's final model:
+def read_downstream(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """The accuracy (lm-eval's ``acc`` metric, filter ``none``) per task of a run's final model, with
+    its standard error over the task's examples (``acc_stderr``; 0 where lm-eval gives none):
     from the results `slm eval ckpt_path=<run> tasks=...` writes to ``<run>/eval/<tasks>.json``.
     Results of another checkpoint (``<tasks>@<checkpoint>.json``) are not the run's final model
     and are left out; a task in several files takes the newest file's value; a file that is not
@@ -123,7 +126,7 @@ def read_downstream(run_dir: Path) -> dict[str, float]:
     folder = run_dir / EVAL
     if not folder.is_dir():
         return {}
-    found: dict[str, float] = {}
+    found: dict[str, tuple[float, float]] = {}
     files = sorted((p for p in folder.glob("*.json") if "@" not in p.name), key=lambda p: (p.stat().st_mtime, p.name))
     for path in files:
         try:
@@ -132,9 +135,14 @@ def read_downstream(run_dir: Path) -> dict[str, float]:
             continue
         for task, entry in (results.items() if isinstance(results, dict) else ()):
             value = entry.get("acc,none") if isinstance(entry, dict) else None
-            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                found[str(task)] = float(value)
+            if _finite(value):
+                se = entry.get("acc_stderr,none")
+                found[str(task)] = (float(value), float(se) if _finite(se) else 0.0)
     return found
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def flat_get(config: dict[str, Any], dotted: str) -> Any:
