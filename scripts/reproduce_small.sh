@@ -22,7 +22,8 @@
 #            (`slm eval tasks=TASKS`, written to <run>/eval/).
 # Then `python -m slm_cli.report.results` writes the reports and RESULTS (default docs/results.md).
 #
-# Settings (environment variables; the defaults take about four hours on a 2-core CPU):
+# Settings (environment variables; the defaults take about three hours on a 2-core CPU, docs/results.md
+# states the time measured):
 #   STEPS=200  SEEDS="1 2 3"  LENGTHS="400 1600"  LONG_SEEDS="1 2"  TASKS=slm_local
 #   SWEEP_SEEDS="1"  KEEPS="0.2 0.4 0.8"  KEEP=0.6  RATIO=0.6
 #   CLM_FRACTIONS="0.4 0.6 0.8"  LANES=2 (runs side by side, each with nproc/LANES threads)
@@ -38,7 +39,7 @@ cd "$(dirname "$0")/.."
 
 root="outputs/reproduce_small/$(date +%Y-%m-%d_%H-%M-%S)"
 results="docs/results.md"
-usage() { sed -n '2,28p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -euo pipefail/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'; }
 while getopts "o:r:h" opt; do
   case "$opt" in
     o) root="$OPTARG" ;;

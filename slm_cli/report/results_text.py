@@ -58,7 +58,7 @@ validation curve reaches CLM's final loss (linear between the 10 validation poin
 PART4 = """Per configuration: the share of tokens trained on, ESLM's α (constant) or Ada-ESLM's (mean over the
 run; final; the step from which it stays at its final value, mean over seeds), and the training
 throughput (two runs side by side on 2 cores). Why Ada-ESLM's α settles on its floor:
-[methods.md](methods.md#ada-eslm)."""
+[methods.md](methods.md#ada-eslm-adaptive-confidence)."""
 
 LIMITS = """- **Scale.** The default sizes have 0.8M and 3M non-embedding parameters, and each run sees
   {tokens} training tokens, {passes:.1f} passes over a corpus of {corpus}. The papers' claims are about GPT-2-size models and billions of
