@@ -534,8 +534,7 @@ def trend_word(trend: Trend) -> str:
     """How the gap to CLM after the same steps moves from the shortest to the longest length:
     "narrows", "widens" (beyond 2 SE of the change) or "holds"."""
     (first, se1), (last, se2) = trend.deltas()[0], trend.deltas()[-1]
-    change, se = last - first, math.hypot(se1, se2)
-    if abs(change) <= SIGNIFICANCE * se:
+    if verdict(last - first, math.hypot(se1, se2), spread_known=True) == "no difference":
         return "holds"
     return "narrows" if abs(last) < abs(first) else "widens"
 
