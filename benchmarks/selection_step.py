@@ -147,14 +147,14 @@ def selection_step(quick: bool) -> dict[str, Any]:
                                     CACHE_DIR / "runs" / "selection_step" / v.label.replace(" ", "_").replace("=", ""))
                                    for v in order], threads)
         for v in order:
-            clock, summary = done[v.label]
+            clock, summary = done[v.label], done[v.label].summary
             shutil.rmtree(Path(summary["checkpoint"]).parent, ignore_errors=True)  # ~200 MB each, not needed
             if clock.threads != threads:
                 raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
             timed = clock.iters[w:]
             iters[v.label] += timed
             round_med[v.label].append(statistics.median(timed))
-            paired[v.label] += [a / b for a, b in zip(timed, done["clm"][0].iters[w:], strict=True)]
+            paired[v.label] += [a / b for a, b in zip(timed, done["clm"].iters[w:], strict=True)]
             summaries[v.label] = summary
         print(f"round {r + 1} ({time.perf_counter() - t0:.0f}s), cycle order: {' -> '.join(orders[-1])}")
         print("  ms/step (median): " + ", ".join(f"{v.label} {round_med[v.label][-1] * 1e3:.0f}" for v in variants),

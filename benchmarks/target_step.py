@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,27 @@ TGT_VARIANTS = [  # (label, overrides, goal for ms/step / CLM's)
 ]
 
 
+def allnts_widths() -> Callable[[], list[tuple[int, float]]]:
+    """interleaved_trains' probe, run in each training process: AllNTs' K per step (the columns it
+    gathers per token, the batch's widest context, and how many of them are real); empty for the
+    other targets."""
+    from slm_cli.target.allnts import AllNTs
+
+    widths: list[tuple[int, float]] = []
+    real_targets = AllNTs.targets
+
+    def counting_targets(self, batch):
+        out = real_targets(self, batch)
+        if out is not None:
+            widths.append((out.ids.shape[1] - 1, float((out.probs[:, 1:] > 0).sum(1).float().mean())))
+        return out
+
+    AllNTs.targets = counting_targets
+    return lambda: widths
+
+
 def target_step(quick: bool) -> dict[str, Any]:
     from slm_cli.ngram.build import write_ngram
-    from slm_cli.target.allnts import AllNTs
 
     p = TGT_QUICK if quick else TGT_FULL
     threads = timing_setup()
@@ -55,47 +74,32 @@ def target_step(quick: bool) -> dict[str, Any]:
           f"{len(TGT_VARIANTS)} variants x {p['steps']} timed steps (+{p['warmup']} warmup), the variants taking "
           f"turns step by step")
 
-    # AllNTs' K per step: the columns it gathers per token (the batch's widest context) and how many are real.
-    widths: list[tuple[int, float]] = []
-    real_targets = AllNTs.targets
-
-    def counting_targets(self, batch):
-        out = real_targets(self, batch)
-        if out is not None:
-            widths.append((out.ids.shape[1] - 1, float((out.probs[:, 1:] > 0).sum(1).float().mean())))
-        return out
-
     w = p["warmup"]
     labels = [label for label, _, _ in TGT_VARIANTS]
     iters: dict[str, list[float]] = {k: [] for k in labels}
     round_med: dict[str, list[float]] = {k: [] for k in labels}
     paired: dict[str, list[float]] = {k: [] for k in labels}
     orders, k_timed = [], []
-    AllNTs.targets = counting_targets
-    try:
-        for rnd in range(p["rounds"]):
-            order = TGT_VARIANTS if rnd % 2 == 0 else TGT_VARIANTS[::-1]
-            orders.append([label for label, _, _ in order])
-            t0 = time.perf_counter()
-            widths.clear()
-            done = interleaved_trains([(label, [*base, *o], CACHE_DIR / "runs" / "target_step" / label)
-                                       for label, o, _ in order], threads)
-            k_timed += widths[w:p["warmup"] + p["steps"]]  # the training steps' (validation follows)
-            for label in labels:
-                clock, summary = done[label]
-                shutil.rmtree(Path(summary["checkpoint"]).parent, ignore_errors=True)
-                if clock.threads != threads:
-                    raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
-                if summary["target"] != (label if label != "clm" else "onehot"):
-                    raise RuntimeError(f"{label}: the run trained with target {summary['target']}")
-                timed = clock.iters[w:]
-                iters[label] += timed
-                round_med[label].append(statistics.median(timed))
-                paired[label] += [a / b for a, b in zip(timed, done["clm"][0].iters[w:], strict=True)]
-            print(f"round {rnd + 1} ({time.perf_counter() - t0:.0f}s), order {' -> '.join(orders[-1])}: ms/step "
-                  + ", ".join(f"{k} {round_med[k][-1] * 1e3:.0f}" for k in labels), flush=True)
-    finally:
-        AllNTs.targets = real_targets
+    for rnd in range(p["rounds"]):
+        order = TGT_VARIANTS if rnd % 2 == 0 else TGT_VARIANTS[::-1]
+        orders.append([label for label, _, _ in order])
+        t0 = time.perf_counter()
+        done = interleaved_trains([(label, [*base, *o], CACHE_DIR / "runs" / "target_step" / label)
+                                   for label, o, _ in order], threads, probe=allnts_widths)
+        k_timed += done["allnts"].probed[w:p["warmup"] + p["steps"]]  # the training steps' (validation follows)
+        for label in labels:
+            run = done[label]
+            shutil.rmtree(Path(run.summary["checkpoint"]).parent, ignore_errors=True)
+            if run.threads != threads:
+                raise RuntimeError(f"torch threads changed under Lightning: {run.threads} != {threads}")
+            if run.summary["target"] != (label if label != "clm" else "onehot"):
+                raise RuntimeError(f"{label}: the run trained with target {run.summary['target']}")
+            timed = run.iters[w:]
+            iters[label] += timed
+            round_med[label].append(statistics.median(timed))
+            paired[label] += [a / b for a, b in zip(timed, done["clm"].iters[w:], strict=True)]
+        print(f"round {rnd + 1} ({time.perf_counter() - t0:.0f}s), order {' -> '.join(orders[-1])}: ms/step "
+              + ", ".join(f"{k} {round_med[k][-1] * 1e3:.0f}" for k in labels), flush=True)
 
     clm_med = statistics.median(iters["clm"])
     k_mean = statistics.mean(k for k, _ in k_timed)

@@ -248,7 +248,7 @@ def test_random_is_uniform_over_positions():
 
 def test_random_is_a_function_of_the_positions_alone():
     """The same tokens give the same subset whatever torch's RNG holds (so resume needs no state);
-    other tokens (another device's, another micro-batch's under scope=local) another subset."""
+    other tokens (another device's, another micro-batch's under selection_scope=micro_batch) another subset."""
     strategy = Random(ratio=0.6)
     torch.manual_seed(1)
     a = select_as_training(strategy, None, positions(7, 100)).mask

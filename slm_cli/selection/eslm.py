@@ -76,7 +76,7 @@ class AdaESLM(ESLM):
     training concentrates on the rest: early on few tokens are easy and α falls towards alpha_min
     (train on most tokens), later it rises and selection gets sharper. easy_frac always uses the
     model's loss, whatever `score` ranks the tokens by. α is updated once per optimizer step from
-    the step's whole global batch (every micro-batch on every device, whatever selection.scope),
+    the step's whole global batch (every micro-batch on every device, whatever trainer.selection_scope),
     so all devices hold the same α; it is logged as selection/alpha and saved in checkpoints
     (state_dict) so that a resumed run continues with the same α.
     """
