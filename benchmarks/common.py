@@ -118,10 +118,10 @@ def run_child(name: str, **kwargs: Any) -> dict[str, Any]:
 @dataclass
 class TurnRun:
     """What one run of :func:`interleaved_trains` reports: its iteration times (end of batch i-1 ->
-    end of batch i), torch's thread count during training, summary.json, and the probe's figures."""
+    end of batch i), summary.json, and the probe's figures. The run has checked that torch kept the
+    parent's thread count under Lightning."""
 
     iters: list[float]
-    threads: int
     summary: dict[str, Any]
     probed: Any = None
 
@@ -167,9 +167,6 @@ def _take_turns(cfg: DictConfig, run_dir: str, threads: int, probe: Callable[[],
     warnings.filterwarnings("ignore", message=".*`srun` command is available")
     try:
         timing_setup()
-        torch_threads = __import__("torch").get_num_threads()
-        if torch_threads != threads:
-            raise RuntimeError(f"torch threads {torch_threads} in the child, {threads} in the parent")
         probed = probe() if probe is not None else None
 
         def turn() -> None:
@@ -180,8 +177,10 @@ def _take_turns(cfg: DictConfig, run_dir: str, threads: int, probe: Callable[[],
         conn.send(("ready",))
         conn.recv()
         slm_run.train(cfg, callbacks=[clock])
+        if clock.threads != threads:
+            raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
         summary = json.loads((Path(run_dir) / "summary.json").read_text())
-        conn.send(("done", TurnRun(clock.iters, clock.threads, summary, probed() if probed else None)))
+        conn.send(("done", TurnRun(clock.iters, summary, probed() if probed else None)))
     except BaseException:  # noqa: BLE001 - reported by the scheduler
         conn.send(("error", traceback.format_exc()))
 
@@ -226,7 +225,8 @@ def interleaved_trains(jobs: list[tuple[str, list[str], Path]], threads: int,
             try:
                 msg = conn.recv()
             except EOFError:
-                raise RuntimeError(f"{label}: the benchmark process exited with {proc.join(5) or proc.exitcode}") from None
+                proc.join(5)
+                raise RuntimeError(f"{label}: the benchmark process exited with {proc.exitcode}") from None
             if msg[0] == "error":
                 raise RuntimeError(f"{label} failed:\n{msg[1]}")
             if msg[0] not in expected:

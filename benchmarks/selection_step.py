@@ -147,11 +147,9 @@ def selection_step(quick: bool) -> dict[str, Any]:
                                     CACHE_DIR / "runs" / "selection_step" / v.label.replace(" ", "_").replace("=", ""))
                                    for v in order], threads)
         for v in order:
-            clock, summary = done[v.label], done[v.label].summary
+            summary = done[v.label].summary
             shutil.rmtree(Path(summary["checkpoint"]).parent, ignore_errors=True)  # ~200 MB each, not needed
-            if clock.threads != threads:
-                raise RuntimeError(f"torch threads changed under Lightning: {clock.threads} != {threads}")
-            timed = clock.iters[w:]
+            timed = done[v.label].iters[w:]
             iters[v.label] += timed
             round_med[v.label].append(statistics.median(timed))
             paired[v.label] += [a / b for a, b in zip(timed, done["clm"].iters[w:], strict=True)]

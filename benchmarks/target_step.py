@@ -90,8 +90,6 @@ def target_step(quick: bool) -> dict[str, Any]:
         for label in labels:
             run = done[label]
             shutil.rmtree(Path(run.summary["checkpoint"]).parent, ignore_errors=True)
-            if run.threads != threads:
-                raise RuntimeError(f"torch threads changed under Lightning: {run.threads} != {threads}")
             if run.summary["target"] != (label if label != "clm" else "onehot"):
                 raise RuntimeError(f"{label}: the run trained with target {run.summary['target']}")
             timed = run.iters[w:]
