@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -124,6 +125,44 @@ class TurnRun:
     iters: list[float]
     summary: dict[str, Any]
     probed: Any = None
+
+
+@dataclass
+class PairedSteps:
+    """The timed steps of variants that take turns (:func:`interleaved_trains`), round by round, and
+    their ratios to the ``baseline`` variant's: the figures selection_step and target_step report."""
+
+    labels: list[str]
+    baseline: str
+    warmup: int  # untimed steps at the start of each run
+    iters: dict[str, list[float]] = field(default_factory=dict)  # every timed step, seconds
+    round_medians: dict[str, list[float]] = field(default_factory=dict)
+    paired: dict[str, list[float]] = field(default_factory=dict)  # step i / baseline's step i, same cycle
+
+    def add_round(self, runs: dict[str, TurnRun]) -> None:
+        base = runs[self.baseline].iters[self.warmup:]
+        for label in self.labels:
+            timed = runs[label].iters[self.warmup:]
+            self.iters.setdefault(label, []).extend(timed)
+            self.round_medians.setdefault(label, []).append(statistics.median(timed))
+            self.paired.setdefault(label, []).extend(a / b for a, b in zip(timed, base, strict=True))
+
+    def median(self, label: str) -> float:
+        """Median step time over all rounds, seconds."""
+        return statistics.median(self.iters[label])
+
+    def ratio(self, label: str) -> float:
+        """Median of the paired per-step ratios: robust to load that changes between rounds (pooling
+        the steps of a loaded and a quiet round mixes two step times)."""
+        return statistics.median(self.paired[label])
+
+    def per_round(self, label: str) -> list[float]:
+        """Each round's median step time / the baseline's."""
+        return [a / b for a, b in zip(self.round_medians[label], self.round_medians[self.baseline], strict=True)]
+
+    def pooled(self, label: str) -> float:
+        """Median step time over all rounds / the baseline's."""
+        return self.median(label) / self.median(self.baseline)
 
 
 def iteration_clock(turn: Callable[[], None] | None = None) -> L.Callback:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from benchmarks.common import (
     CACHE_DIR,
     Benchmark,
+    PairedSteps,
     compose,
     interleaved_trains,
     prepared_corpus,
@@ -136,9 +137,7 @@ def selection_step(quick: bool) -> dict[str, Any]:
           f"{p['rounds']} rounds x {len(variants)} variants x {p['steps']} timed steps (+{p['warmup']} warmup)")
 
     w = p["warmup"]
-    iters: dict[str, list[float]] = {v.label: [] for v in variants}
-    round_med: dict[str, list[float]] = {v.label: [] for v in variants}
-    paired: dict[str, list[float]] = {v.label: [] for v in variants}  # step i / CLM's step i, same cycle
+    steps = PairedSteps([v.label for v in variants], baseline="clm", warmup=w)
     summaries: dict[str, dict[str, Any]] = {}
     orders = []
     for r in range(p["rounds"]):
@@ -154,24 +153,17 @@ def selection_step(quick: bool) -> dict[str, Any]:
         for v in order:
             summary = done[v.label].summary
             shutil.rmtree(Path(summary["checkpoint"]).parent, ignore_errors=True)  # ~200 MB each, not needed
-            timed = done[v.label].iters[w:]
-            iters[v.label] += timed
-            round_med[v.label].append(statistics.median(timed))
-            paired[v.label] += [a / b for a, b in zip(timed, done["clm"].iters[w:], strict=True)]
             summaries[v.label] = summary
+        steps.add_round(done)
         print(f"round {r + 1} ({time.perf_counter() - t0:.0f}s), cycle order: {' -> '.join(orders[-1])}")
-        print("  ms/step (median): " + ", ".join(f"{v.label} {round_med[v.label][-1] * 1e3:.0f}" for v in variants),
-              flush=True)
+        print("  ms/step (median): " + ", ".join(f"{v.label} {steps.round_medians[v.label][-1] * 1e3:.0f}"
+                                                 for v in variants), flush=True)
 
-    clm_med = statistics.median(iters["clm"])
+    clm_med = steps.median("clm")
     rows, figures = [], {}
     for v in variants:
-        med = statistics.median(iters[v.label])
-        per_round = [a / b for a, b in zip(round_med[v.label], round_med["clm"], strict=True)]
-        # The overall ratio is the median of the paired per-step ratios: robust to load that changes
-        # between rounds (pooling the steps of a loaded and a quiet round mixes two step times).
-        ratio = statistics.median(paired[v.label])
-        pooled = med / clm_med
+        med, ratio, pooled = steps.median(v.label), steps.ratio(v.label), steps.pooled(v.label)
+        per_round = steps.per_round(v.label)
         s = summaries[v.label]
         frac = s["selected_tokens"] / s["train_tokens"]
         if v.efficiency:  # token selection: ceil(k·m) of each micro-batch's m tokens
@@ -191,7 +183,7 @@ def selection_step(quick: bool) -> dict[str, Any]:
                      f"{1 - ratio:+.3f}", f"{s['flops_saved_frac_realized']:.3f}", f"{s['flops_saved_frac_nominal']:.3f}"])
         figures[v.label] = {
             "overrides": v.overrides, "keep": v.keep, "selected_frac": frac, "expected_selected_frac": expected,
-            "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in round_med[v.label]],
+            "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in steps.round_medians[v.label]],
             "ratio": ratio, "ratio_per_round": per_round, "ratio_median_of_rounds": statistics.median(per_round),
             "ratio_pooled": pooled,
             "goal": v.goal, "time_saved_frac": 1 - ratio, "time_over_flops_saved": efficiency,

@@ -14,6 +14,7 @@ from typing import Any
 from benchmarks.common import (
     CACHE_DIR,
     Benchmark,
+    PairedSteps,
     compose_train,
     interleaved_trains,
     prepared_corpus,
@@ -76,9 +77,7 @@ def target_step(quick: bool) -> dict[str, Any]:
 
     w = p["warmup"]
     labels = [label for label, _, _ in TGT_VARIANTS]
-    iters: dict[str, list[float]] = {k: [] for k in labels}
-    round_med: dict[str, list[float]] = {k: [] for k in labels}
-    paired: dict[str, list[float]] = {k: [] for k in labels}
+    steps = PairedSteps(labels, baseline="clm", warmup=w)
     orders, k_timed = [], []
     for rnd in range(p["rounds"]):
         order = TGT_VARIANTS if rnd % 2 == 0 else TGT_VARIANTS[::-1]
@@ -92,29 +91,24 @@ def target_step(quick: bool) -> dict[str, Any]:
             shutil.rmtree(Path(run.summary["checkpoint"]).parent, ignore_errors=True)
             if run.summary["target"] != (label if label != "clm" else "onehot"):
                 raise RuntimeError(f"{label}: the run trained with target {run.summary['target']}")
-            timed = run.iters[w:]
-            iters[label] += timed
-            round_med[label].append(statistics.median(timed))
-            paired[label] += [a / b for a, b in zip(timed, done["clm"].iters[w:], strict=True)]
+        steps.add_round(done)
         print(f"round {rnd + 1} ({time.perf_counter() - t0:.0f}s), order {' -> '.join(orders[-1])}: ms/step "
-              + ", ".join(f"{k} {round_med[k][-1] * 1e3:.0f}" for k in labels), flush=True)
+              + ", ".join(f"{k} {steps.round_medians[k][-1] * 1e3:.0f}" for k in labels), flush=True)
 
-    clm_med = statistics.median(iters["clm"])
+    clm_med = steps.median("clm")
     k_mean = statistics.mean(k for k, _ in k_timed)
     real_mean = statistics.mean(x for _, x in k_timed)
     columns = {"clm": 1, "coconts": 1 + TGT_NGRAM["r"] + 1, "allnts": 1 + k_mean}
     rows, figures = [], {}
     for label, overrides, goal in TGT_VARIANTS:
-        med = statistics.median(iters[label])
-        per_round = [a / b for a, b in zip(round_med[label], round_med["clm"], strict=True)]
-        ratio = statistics.median(paired[label])
+        med, per_round, ratio = steps.median(label), steps.per_round(label), steps.ratio(label)
         verdict = "" if goal is None else f"<= {goal:.2f} {'met' if ratio <= goal else 'NOT met'}"
         rows.append([label, f"{columns[label]:.0f}", f"{med * 1e3:.0f}",
-                     " ".join(f"{x * 1e3:.0f}" for x in round_med[label]), " ".join(f"{x:.3f}" for x in per_round),
-                     f"{ratio:.3f}", f"{med / clm_med:.3f}", verdict])
+                     " ".join(f"{x * 1e3:.0f}" for x in steps.round_medians[label]),
+                     " ".join(f"{x:.3f}" for x in per_round), f"{ratio:.3f}", f"{steps.pooled(label):.3f}", verdict])
         figures[label] = {"overrides": overrides, "target_columns_per_token": columns[label],
-                          "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in round_med[label]],
-                          "ratio": ratio, "ratio_per_round": per_round, "ratio_pooled": med / clm_med, "goal": goal}
+                          "ms_per_step": med * 1e3, "ms_per_step_per_round": [x * 1e3 for x in steps.round_medians[label]],
+                          "ratio": ratio, "ratio_per_round": per_round, "ratio_pooled": steps.pooled(label), "goal": goal}
     figures["allnts"] |= {"K_mean": k_mean, "K_min": min(k for k, _ in k_timed), "K_max": max(k for k, _ in k_timed),
                           "real_continuations_per_token_mean": real_mean}
     print()
